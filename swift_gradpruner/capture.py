@@ -1,0 +1,61 @@
+"""Read the LoRA factor gradients (gA, gB) of every adapted linear of a peft model, once per step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """The LoRA factors of one adapted linear, named as the linear is named in the base model."""
+
+    name: str
+    lora_a: nn.Parameter
+    lora_b: nn.Parameter
+
+
+def lora_pairs(model: nn.Module, adapter: str = "default") -> list[LoraPair]:
+    """Every (A, B) parameter pair of ``adapter`` in a peft LoRA model, in module order.
+
+    The order is the same on every rank, which DeepSpeed's collective gradient reads require.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    pairs = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in getattr(module, "lora_A", {}):
+            base_name = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+            pairs.append(LoraPair(base_name, module.lora_A[adapter].weight, module.lora_B[adapter].weight))
+    return pairs
+
+
+GradReader = Callable[[nn.Parameter], torch.Tensor | None]
+
+
+def local_grad(param: nn.Parameter) -> torch.Tensor | None:
+    return param.grad
+
+
+def read_lora_grads(
+    pairs: list[LoraPair], read: GradReader = local_grad
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{linear name: (gA, gB)} for one step. A factor without gradient counts as zero.
+
+    ``read`` maps a parameter to its full gradient (default: ``param.grad``; under DeepSpeed ZeRO a
+    gathering reader, called for every parameter in the same order on all ranks).
+    """
+    grads = {}
+    for pair in pairs:
+        grad_a, grad_b = read(pair.lora_a), read(pair.lora_b)
+        if grad_a is None:
+            grad_a = torch.zeros_like(pair.lora_a)
+        if grad_b is None:
+            grad_b = torch.zeros_like(pair.lora_b)
+        grads[pair.name] = (grad_a.detach(), grad_b.detach())
+    return grads

@@ -1,0 +1,162 @@
+"""GradPruneConfig: every GradPruner option, with the paper's defaults, validated up front.
+
+Field help texts are the reference documentation: the README table and the CLI help are built from
+them, so a default or a range is written down once, here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+MERGE_MODES = ("add", "average", "fisher")
+SCORE_KINDS = ("squared", "norm")
+MIN_STEPS = 10
+"""Fewest phase-1 steps chosen from ``step_ratio`` (an explicit ``steps`` may be smaller)."""
+DEFAULT_PRUNE_RATIO = 0.4
+
+
+class GradPruneConfigError(ValueError):
+    """A GradPruner option has a value outside its valid range."""
+
+
+def _help(text: str, default: Any = MISSING, **kw: Any) -> Any:
+    kw.setdefault("metadata", {})["help"] = text
+    if default is MISSING:
+        return field(**kw)
+    return field(default=default, **kw)
+
+
+@dataclass
+class GradPruneConfig:
+    """Options of a GradPruner run (paper arXiv 2601.19503; section numbers refer to it)."""
+
+    prune_layers: int | None = _help(
+        "Number N of decoder layers to remove (merged ones included). Set this or prune_ratio. "
+        "Paper: 13 of Llama-3.1-8B's 32 layers.",
+        None,
+    )
+    prune_ratio: float | None = _help(
+        "Fraction of ALL model parameters (embeddings and lm_head included in the denominator) to "
+        "remove by deleting whole layers; the layer count whose removal comes closest is used. "
+        f"Used when prune_layers is unset; default {DEFAULT_PRUNE_RATIO} (the paper's headline "
+        "'40% of parameters'; its 13-of-32 Llama-3.1-8B setting is 35% of all parameters).",
+        None,
+    )
+    merge_layers: int = _help(
+        "Number K of the removed layers that are merged (Sec. 3.2) into the preceding retained "
+        "layer instead of being dropped: the K highest-scoring removed layers that have a retained "
+        "layer before them. Paper: 3 (of 13). 0 = prune only.",
+        3,
+    )
+    topp: float = _help(
+        "Fraction of each merged linear's weights kept, ranked by the IGIA matrix F (Sec. 3.2 "
+        "sparsification; paper 0.2 = 80% sparsity).",
+        0.2,
+    )
+    merge_mode: str = _help(
+        "How kept, same-sign elements are combined with the retained weight: 'add' (Eq. 5, "
+        "W_r + W_m), 'average' (App. B.2 weights (0.5, 0.5)), 'fisher' (App. B.2 Fisher-weighted "
+        "(F_r W_r + F_m W_m) / (F_r + F_m)).",
+        "add",
+    )
+    score: str = _help(
+        "Layer score: 'squared' = Eq. 4, the sum of the IGIA matrix (mean over steps of "
+        "||dB.dA||_F^2); 'norm' = mean over steps of ||dB.dA||_F, as in the authors' released code.",
+        "squared",
+    )
+    steps: int | None = _help(
+        "Phase-1 LoRA optimizer steps t whose gradients are captured (Sec. 3.1). Default: "
+        f"step_ratio of the run's total optimizer steps T, at least {MIN_STEPS}.",
+        None,
+    )
+    step_ratio: float = _help(
+        "t as a fraction of the run's total optimizer steps T when steps is unset (paper: ~1% of T; "
+        "Fig. 6 shows >=0.08% suffices).",
+        0.01,
+    )
+    lora_rank: int = _help(
+        "Phase-1 LoRA rank when the run itself is not LoRA (full fine-tuning); a LoRA run uses its "
+        "own --lora_rank. Authors' code: 8.",
+        8,
+    )
+    lora_alpha: int = _help(
+        "Phase-1 LoRA alpha when the run itself is not LoRA. Authors' code: 32.", 32
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise GradPruneConfigError naming the first bad value and its valid range."""
+        if self.prune_layers is not None and self.prune_ratio is not None:
+            _fail("prune_layers", self.prune_layers, "set either prune_layers or prune_ratio, not both")
+        if self.prune_layers is not None and (not _is_int(self.prune_layers) or self.prune_layers < 1):
+            _fail("prune_layers", self.prune_layers, "must be an integer >= 1")
+        if self.prune_ratio is not None and not (_is_real(self.prune_ratio) and 0 < self.prune_ratio < 1):
+            _fail("prune_ratio", self.prune_ratio, "must be in (0, 1), e.g. 0.4")
+        if not _is_int(self.merge_layers) or self.merge_layers < 0:
+            _fail("merge_layers", self.merge_layers, "must be an integer >= 0")
+        if self.prune_layers is not None and self.merge_layers > self.prune_layers:
+            _fail(
+                "merge_layers",
+                self.merge_layers,
+                f"must be <= prune_layers ({self.prune_layers}): merged layers are among the removed ones",
+            )
+        if not (_is_real(self.topp) and 0 < self.topp <= 1):
+            _fail("topp", self.topp, "must be in (0, 1], e.g. 0.2")
+        if self.merge_mode not in MERGE_MODES:
+            _fail("merge_mode", self.merge_mode, f"must be one of {', '.join(MERGE_MODES)}")
+        if self.score not in SCORE_KINDS:
+            _fail("score", self.score, f"must be one of {', '.join(SCORE_KINDS)}")
+        if self.steps is not None and (not _is_int(self.steps) or self.steps <= 0):
+            _fail("steps", self.steps, "must be an integer >= 1")
+        if not (_is_real(self.step_ratio) and 0 < self.step_ratio < 1):
+            _fail("step_ratio", self.step_ratio, "must be in (0, 1), e.g. 0.01")
+        for name in ("lora_rank", "lora_alpha"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                _fail(name, value, "must be an integer >= 1")
+
+    def phase1_steps(self, total_steps: int) -> int:
+        """Number t of phase-1 steps for a run of ``total_steps`` optimizer steps T (t < T)."""
+        if total_steps < 2:
+            raise GradPruneConfigError(
+                f"the run has {total_steps} optimizer step(s); GradPruner needs at least 2 "
+                "(phase 1 then phase 2): raise --max_steps or --num_train_epochs"
+            )
+        if self.steps is not None:
+            if self.steps >= total_steps:
+                _fail(
+                    "steps",
+                    self.steps,
+                    f"must be < the run's {total_steps} optimizer steps; lower it or lengthen the run",
+                )
+            return self.steps
+        return min(max(math.ceil(self.step_ratio * total_steps), MIN_STEPS), total_steps - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GradPruneConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise GradPruneConfigError(
+                f"unknown GradPruner option(s) {unknown}; valid options: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fail(name: str, value: Any, rule: str) -> None:
+    raise GradPruneConfigError(f"gradprune {name}={value!r} is invalid: {rule}")

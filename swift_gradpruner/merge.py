@@ -1,0 +1,87 @@
+"""Sparsify removed-layer weights by IGIA and merge their same-sign elements (Sec. 3.2, Eq. 5, App. B.2).
+
+For one linear: W_r is the weight of the retained layer, W_m (with IGIA matrix F_m) that of a
+removed layer merged into it. W_m keeps only its top-p elements by F_m (the rest are zeroed:
+W^_m), and an element of W^_m takes part only where its sign equals the sign of W_r. Where it takes
+part:
+
+* ``add`` (Eq. 5):        W_r + W^_m
+* ``average`` (App. B.2): (W_r + W^_m) / 2, the (0.5, 0.5) weights
+* ``fisher`` (App. B.2):  (F_r W_r + F_m W^_m) / (F_r + F_m)
+
+and W_r elsewhere. W_r itself is never sparsified, and its original sign decides for every source.
+With several removed layers merging into one retained layer, each contributes its own same-sign
+elements: ``add`` sums them, ``average`` and ``fisher`` weight every participating element equally
+(lambda = 1/(1 + number of participants)), which reduces to B.2's two-layer formulas.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .config import MERGE_MODES
+
+
+def topp_mask(importance: torch.Tensor, topp: float) -> torch.Tensor:
+    """Mask of the ceil(topp * numel) elements with the largest importance F.
+
+    Elements tied with the smallest kept value are kept too; elements with F = 0 carry no gradient
+    signal and are never kept.
+    """
+    count = importance.numel()
+    keep = math.ceil(topp * count)
+    if keep >= count:
+        return importance > 0
+    threshold = torch.kthvalue(importance.flatten(), count - keep + 1).values
+    return (importance >= threshold) & (importance > 0)
+
+
+def merge_linear(
+    retained: torch.Tensor,
+    sources: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    topp: float,
+    mode: str = "add",
+    retained_importance: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[float]]:
+    """Merge removed-layer weights into a retained weight.
+
+    ``sources`` holds (W_m, F_m) pairs of the same shape as ``retained``. ``retained_importance``
+    (F_r) is needed by ``fisher`` only. Returns the merged weight, in the dtype of ``retained``, and
+    for each source the fraction of its elements that were merged.
+    """
+    if mode not in MERGE_MODES:
+        raise ValueError(f"merge_mode={mode!r} is invalid: must be one of {', '.join(MERGE_MODES)}")
+    if mode == "fisher" and retained_importance is None:
+        raise ValueError("merge_mode='fisher' needs the retained layer's IGIA matrix (retained_importance)")
+    compute = torch.float64 if mode == "fisher" else torch.float32
+    base = retained.detach().to(compute)
+    sign = torch.sign(base)
+    parts = []  # (mask of merged elements, W_m, weight of W_m)
+    for source, importance in sources:
+        if source.shape != retained.shape or importance.shape != retained.shape:
+            raise ValueError(
+                f"merge shapes differ: retained {tuple(retained.shape)}, removed {tuple(source.shape)}, "
+                f"importance {tuple(importance.shape)}"
+            )
+        value = source.detach().to(device=base.device, dtype=compute)
+        importance = importance.to(base.device)
+        take = topp_mask(importance, topp) & (torch.sign(value) == sign)
+        parts.append((take, value, importance.to(compute) if mode == "fisher" else 1.0))
+    fractions = [take.sum().item() / take.numel() for take, _, _ in parts]
+    if mode == "add":
+        merged = base.clone()
+        for take, value, _ in parts:
+            merged += torch.where(take, value, 0.0)
+        return merged.to(retained.dtype), fractions
+    own = retained_importance.to(base.device, compute) if mode == "fisher" else torch.ones_like(base)
+    numerator, denominator = own * base, own.clone()
+    for take, value, weight in parts:
+        numerator += torch.where(take, weight * value, 0.0)
+        denominator += torch.where(take, weight, 0.0)
+    # Where nothing was merged and (fisher) F_r is zero, the weights are all zero: keep W_r.
+    merged = torch.where(denominator > 0, numerator / denominator, base)
+    return merged.to(retained.dtype), fractions

@@ -1,0 +1,93 @@
+"""Which decoder layers to remove and which of those to merge, from the layer scores (Sec. 3.1-3.2)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .config import DEFAULT_PRUNE_RATIO, GradPruneConfig, GradPruneConfigError
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The decoder layers a GradPruner run removes.
+
+    ``merged`` maps each merged layer to the retained layer it is merged into (the nearest retained
+    layer before it); ``dropped`` layers are removed outright.
+    """
+
+    num_layers: int
+    dropped: tuple[int, ...]
+    merged: Mapping[int, int] = field(default_factory=dict)
+
+    @property
+    def removed(self) -> tuple[int, ...]:
+        return tuple(sorted((*self.dropped, *self.merged)))
+
+    @property
+    def kept(self) -> tuple[int, ...]:
+        removed = set(self.removed)
+        return tuple(j for j in range(self.num_layers) if j not in removed)
+
+
+def layers_to_remove(config: GradPruneConfig, layer_params: Sequence[int], total_params: int) -> int:
+    """Number N of layers to remove, from ``prune_layers`` or ``prune_ratio`` (checked against the model).
+
+    With a ratio, N is the layer count whose removal comes closest to ``prune_ratio * total_params``
+    (ties: fewer layers); the denominator counts every parameter, embeddings and lm_head included.
+    Raises GradPruneConfigError before any expensive work when N or merge_layers cannot fit.
+    """
+    num_layers = len(layer_params)
+    if config.prune_layers is not None:
+        count = config.prune_layers
+        if count >= num_layers:
+            raise GradPruneConfigError(
+                f"gradprune prune_layers={count} is invalid: the model has {num_layers} decoder layers, "
+                f"so it must be between 1 and {num_layers - 1}"
+            )
+    else:
+        ratio = config.prune_ratio if config.prune_ratio is not None else DEFAULT_PRUNE_RATIO
+        mean_layer = sum(layer_params) / num_layers
+        exact = ratio * total_params / mean_layer
+        count = math.floor(exact) if exact - math.floor(exact) <= 0.5 else math.ceil(exact)
+        if count < 1:
+            raise GradPruneConfigError(
+                f"gradprune prune_ratio={ratio} is invalid for this model: one decoder layer is "
+                f"{mean_layer / total_params:.1%} of its parameters, so the ratio removes no layer; "
+                "raise prune_ratio or set prune_layers"
+            )
+        if count >= num_layers:
+            raise GradPruneConfigError(
+                f"gradprune prune_ratio={ratio} is invalid for this model: it would remove {count} of "
+                f"its {num_layers} decoder layers; lower prune_ratio or set prune_layers"
+            )
+    if config.merge_layers > count:
+        raise GradPruneConfigError(
+            f"gradprune merge_layers={config.merge_layers} is invalid: only {count} layers are removed "
+            f"(merged layers are among them), so it must be between 0 and {count}"
+        )
+    return count
+
+
+def plan_layers(scores: Sequence[float], remove: int, merge: int) -> LayerPlan:
+    """Remove the ``remove`` lowest-scoring layers; merge the ``merge`` highest-scoring of them.
+
+    Ties in score remove the deeper layer first. A removed layer with no retained layer before it
+    (layer 0, or a removed block at the start) has nothing to merge into, so it is dropped; the
+    merged layers are the highest-scoring removed layers that do have one (ties: shallower first).
+    Each merges into the nearest retained layer before it, so several may share one target.
+    """
+    num_layers = len(scores)
+    if any(not math.isfinite(s) for s in scores):
+        raise ValueError(f"layer scores must be finite, got {list(scores)}")
+    if not 0 <= remove < num_layers or not 0 <= merge <= remove:
+        raise ValueError(f"cannot remove {remove} and merge {merge} of {num_layers} layers")
+    order = sorted(range(num_layers), key=lambda j: (scores[j], -j))
+    removed = set(order[:remove])
+    kept = [j for j in range(num_layers) if j not in removed]
+    target = {j: max((k for k in kept if k < j), default=None) for j in removed}
+    candidates = sorted((j for j in removed if target[j] is not None), key=lambda j: (-scores[j], j))
+    merged = {j: target[j] for j in sorted(candidates[:merge])}
+    dropped = tuple(sorted(removed - set(merged)))
+    return LayerPlan(num_layers=num_layers, dropped=dropped, merged=merged)

@@ -1,0 +1,31 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from swift_gradpruner.tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+def random_lora_grads(model, rank=4, steps=3, seed=0, scale=1e-3):
+    """Per-step random (gA, gB) for every linear in the decoder layers, named as in the base model."""
+    gen = torch.Generator().manual_seed(seed)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    out = []
+    for _ in range(steps):
+        out.append({
+            name: (
+                torch.randn(rank, m.in_features, generator=gen) * scale,
+                torch.randn(m.out_features, rank, generator=gen) * scale,
+            )
+            for name, m in linears
+        })
+    return out

@@ -1,0 +1,55 @@
+import pytest
+
+from swift_gradpruner.config import MIN_STEPS, GradPruneConfig, GradPruneConfigError
+
+
+def test_defaults_are_the_papers():
+    c = GradPruneConfig()
+    assert (c.merge_layers, c.topp, c.merge_mode, c.score, c.step_ratio) == (3, 0.2, "add", "squared", 0.01)
+    assert (c.lora_rank, c.lora_alpha) == (8, 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prune_ratio=0.0), "gradprune prune_ratio=0.0 is invalid: must be in (0, 1)"),
+        (dict(prune_ratio=1.0), "gradprune prune_ratio=1.0 is invalid: must be in (0, 1)"),
+        (dict(prune_ratio=float("nan")), "gradprune prune_ratio=nan is invalid"),
+        (dict(prune_layers=0), "gradprune prune_layers=0 is invalid: must be an integer >= 1"),
+        (dict(prune_layers=2.5), "gradprune prune_layers=2.5 is invalid"),
+        (dict(prune_layers=4, prune_ratio=0.3), "set either prune_layers or prune_ratio, not both"),
+        (dict(prune_layers=2, merge_layers=3), "gradprune merge_layers=3 is invalid: must be <= prune_layers (2)"),
+        (dict(merge_layers=-1), "gradprune merge_layers=-1 is invalid: must be an integer >= 0"),
+        (dict(topp=0), "gradprune topp=0 is invalid: must be in (0, 1]"),
+        (dict(topp=1.5), "gradprune topp=1.5 is invalid: must be in (0, 1]"),
+        (dict(steps=0), "gradprune steps=0 is invalid: must be an integer >= 1"),
+        (dict(steps=-3), "gradprune steps=-3 is invalid"),
+        (dict(step_ratio=0), "gradprune step_ratio=0 is invalid: must be in (0, 1)"),
+        (dict(merge_mode="sum"), "gradprune merge_mode='sum' is invalid: must be one of add, average, fisher"),
+        (dict(score="l1"), "gradprune score='l1' is invalid: must be one of squared, norm"),
+        (dict(lora_rank=0), "gradprune lora_rank=0 is invalid"),
+    ],
+)
+def test_bad_values_raise_one_line_errors(kwargs, message):
+    with pytest.raises(GradPruneConfigError) as info:
+        GradPruneConfig(**kwargs)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_phase1_steps():
+    assert GradPruneConfig().phase1_steps(10_000) == 100  # 1% of T
+    assert GradPruneConfig().phase1_steps(300) == MIN_STEPS  # at least the minimum
+    assert GradPruneConfig().phase1_steps(6) == 5  # but always leaves a phase-2 step
+    assert GradPruneConfig(steps=3).phase1_steps(6) == 3
+    with pytest.raises(GradPruneConfigError, match="steps=6 is invalid: must be < the run's 6 optimizer steps"):
+        GradPruneConfig(steps=6).phase1_steps(6)
+    with pytest.raises(GradPruneConfigError, match="at least 2"):
+        GradPruneConfig().phase1_steps(1)
+
+
+def test_round_trip_and_unknown_keys():
+    c = GradPruneConfig(prune_layers=4, merge_layers=1, merge_mode="fisher")
+    assert GradPruneConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(GradPruneConfigError, match=r"unknown GradPruner option\(s\) \['prune_layer'\]"):
+        GradPruneConfig.from_dict({"prune_layer": 3})

@@ -1,0 +1,76 @@
+import pytest
+
+from swift_gradpruner.config import GradPruneConfig, GradPruneConfigError
+from swift_gradpruner.selection import layers_to_remove, plan_layers
+
+
+def test_removes_lowest_and_merges_highest_removed_into_preceding_retained():
+    scores = [9.0, 1.0, 8.0, 2.0, 3.0, 7.0, 0.5, 6.0]
+    plan = plan_layers(scores, remove=4, merge=2)
+    assert plan.removed == (1, 3, 4, 6)
+    assert plan.kept == (0, 2, 5, 7)
+    # Highest-scoring removed layers are 4 (3.0) and 3 (2.0); both merge into retained layer 2.
+    assert dict(plan.merged) == {3: 2, 4: 2}
+    assert plan.dropped == (1, 6)
+
+
+def test_layer_zero_has_no_predecessor_and_is_dropped_not_merged():
+    scores = [0.1, 0.2, 5.0, 6.0]
+    plan = plan_layers(scores, remove=2, merge=1)
+    assert plan.removed == (0, 1)
+    assert dict(plan.merged) == {} and plan.dropped == (0, 1)
+    plan = plan_layers([0.3, 5.0, 0.1, 6.0], remove=2, merge=1)
+    # Layer 0 scores higher than layer 2 but cannot merge: layer 2 (-> 1) is merged instead.
+    assert dict(plan.merged) == {2: 1} and plan.dropped == (0,)
+
+
+def test_ties_remove_deeper_layers_first_and_are_deterministic():
+    plan = plan_layers([1.0, 1.0, 1.0, 1.0, 1.0], remove=2, merge=1)
+    assert plan.removed == (3, 4)
+    assert dict(plan.merged) == {3: 2} and plan.dropped == (4,)
+    assert plan_layers([1.0] * 5, 2, 1) == plan
+
+
+def test_remove_zero_layers_is_identity():
+    plan = plan_layers([1.0, 2.0, 3.0], remove=0, merge=0)
+    assert plan.removed == () and plan.kept == (0, 1, 2)
+
+
+def test_non_finite_scores_are_rejected():
+    with pytest.raises(ValueError, match="finite"):
+        plan_layers([1.0, float("nan"), 2.0], 1, 0)
+
+
+def test_count_from_prune_layers_and_from_ratio():
+    layer = [100] * 8
+    total = 1000  # 200 in embeddings
+    assert layers_to_remove(GradPruneConfig(prune_layers=3, merge_layers=1), layer, total) == 3
+    # 0.4 * 1000 = 400 -> exactly 4 layers; 0.35 -> 3.5 -> tie -> 3 (fewer); 0.36 -> 4.
+    assert layers_to_remove(GradPruneConfig(prune_ratio=0.4, merge_layers=1), layer, total) == 4
+    assert layers_to_remove(GradPruneConfig(prune_ratio=0.35, merge_layers=1), layer, total) == 3
+    assert layers_to_remove(GradPruneConfig(prune_ratio=0.36, merge_layers=1), layer, total) == 4
+    # Default: 40% of all parameters.
+    assert layers_to_remove(GradPruneConfig(merge_layers=1), layer, total) == 4
+
+
+def test_paper_setting_on_llama_3_1_8b_shapes():
+    # Llama-3.1-8B: 32 layers of 218,112,000 parameters, 2 x 525,336,576 in embeddings + lm_head,
+    # 262,144 in the final norm... 13 layers is 35% of all parameters, 40.6% of the layers'.
+    layer = [218_112_000] * 32
+    total = 8_030_261_248
+    assert layers_to_remove(GradPruneConfig(prune_layers=13), layer, total) == 13
+    assert layers_to_remove(GradPruneConfig(prune_ratio=0.35), layer, total) == 13
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (dict(prune_layers=8), "prune_layers=8 is invalid: the model has 8 decoder layers"),
+        (dict(prune_ratio=0.01), "prune_ratio=0.01 is invalid for this model: one decoder layer is 10.0%"),
+        (dict(prune_ratio=0.95), "would remove 9 of its 8 decoder layers"),
+        (dict(prune_ratio=0.2, merge_layers=3), "merge_layers=3 is invalid: only 2 layers are removed"),
+    ],
+)
+def test_model_dependent_errors(config, match):
+    with pytest.raises(GradPruneConfigError, match=match):
+        layers_to_remove(GradPruneConfig(**config), [100] * 8, 1000)
