@@ -30,7 +30,7 @@ def lora_pairs(model: nn.Module, adapter: str = "default") -> list[LoraPair]:
     pairs = []
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter in getattr(module, "lora_A", {}):
-            base_name = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+            base_name = name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
             pairs.append(LoraPair(base_name, module.lora_A[adapter].weight, module.lora_B[adapter].weight))
     return pairs
 

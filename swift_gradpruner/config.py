@@ -81,9 +81,7 @@ class GradPruneConfig:
         "own --lora_rank. Authors' code: 8.",
         8,
     )
-    lora_alpha: int = _help(
-        "Phase-1 LoRA alpha when the run itself is not LoRA. Authors' code: 32.", 32
-    )
+    lora_alpha: int = _help("Phase-1 LoRA alpha when the run itself is not LoRA. Authors' code: 32.", 32)
 
     def __post_init__(self) -> None:
         self.validate()

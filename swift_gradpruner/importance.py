@@ -82,9 +82,7 @@ class IGIAAccumulator:
             self._sq_sum[name] = self._sq_sum.get(name, 0.0) + value
             self._norm_sum[name] = self._norm_sum.get(name, 0.0) + math.sqrt(value)
         if self.keep_factors:
-            self._factors.append(
-                {n: (_cpu_f32(grads[n][0]), _cpu_f32(grads[n][1])) for n in names}
-            )
+            self._factors.append({n: (_cpu_f32(grads[n][0]), _cpu_f32(grads[n][1])) for n in names})
         self._used += 1
         if not bool((sq != 0).any()):
             self._zero += 1

@@ -18,7 +18,20 @@ CHATML_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-WORDS = "apple river stone cloud tiger lemon candle garden rocket violin forest planet".split()
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "lemon",
+    "candle",
+    "garden",
+    "rocket",
+    "violin",
+    "forest",
+    "planet",
+]
 
 
 def chat_rows(count: int, seed: int = 0) -> list[dict]:
@@ -37,7 +50,9 @@ def chat_rows(count: int, seed: int = 0) -> list[dict]:
             a, b = rng.randrange(20), rng.randrange(20)
             bigger = max(a, b)
             question, answer = f"Which is larger, {a} or {b}?", f"The larger number is {bigger}."
-        rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
+        rows.append(
+            {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+        )
     return rows
 
 
@@ -76,8 +91,18 @@ def build_tokenizer(vocab_size: int = 512):
     )
 
 
-def build_model(arch: str = "llama", num_layers: int = 6, vocab_size: int = 512, *, hidden: int = 64,
-                heads: int = 4, kv_heads: int = 2, intermediate: int = 128, seed: int = 0, **config_kw):
+def build_model(
+    arch: str = "llama",
+    num_layers: int = 6,
+    vocab_size: int = 512,
+    *,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    seed: int = 0,
+    **config_kw,
+):
     """A random causal LM of the given architecture (GQA: ``kv_heads`` < ``heads``)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -107,8 +132,9 @@ def build_model(arch: str = "llama", num_layers: int = 6, vocab_size: int = 512,
     return model
 
 
-def create_tiny(out_dir: str | Path, arch: str = "llama", num_layers: int = 6, rows: int = 256,
-                seed: int = 0) -> tuple[Path, Path]:
+def create_tiny(
+    out_dir: str | Path, arch: str = "llama", num_layers: int = 6, rows: int = 256, seed: int = 0
+) -> tuple[Path, Path]:
     """Save a tiny model + tokenizer to ``out_dir/model`` and a dataset to ``out_dir/train.jsonl``."""
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()

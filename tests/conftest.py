@@ -21,11 +21,13 @@ def random_lora_grads(model, rank=4, steps=3, seed=0, scale=1e-3):
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
     out = []
     for _ in range(steps):
-        out.append({
-            name: (
-                torch.randn(rank, m.in_features, generator=gen) * scale,
-                torch.randn(m.out_features, rank, generator=gen) * scale,
-            )
-            for name, m in linears
-        })
+        out.append(
+            {
+                name: (
+                    torch.randn(rank, m.in_features, generator=gen) * scale,
+                    torch.randn(m.out_features, rank, generator=gen) * scale,
+                )
+                for name, m in linears
+            }
+        )
     return out

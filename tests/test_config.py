@@ -18,14 +18,20 @@ def test_defaults_are_the_papers():
         (dict(prune_layers=0), "gradprune prune_layers=0 is invalid: must be an integer >= 1"),
         (dict(prune_layers=2.5), "gradprune prune_layers=2.5 is invalid"),
         (dict(prune_layers=4, prune_ratio=0.3), "set either prune_layers or prune_ratio, not both"),
-        (dict(prune_layers=2, merge_layers=3), "gradprune merge_layers=3 is invalid: must be <= prune_layers (2)"),
+        (
+            dict(prune_layers=2, merge_layers=3),
+            "gradprune merge_layers=3 is invalid: must be <= prune_layers (2)",
+        ),
         (dict(merge_layers=-1), "gradprune merge_layers=-1 is invalid: must be an integer >= 0"),
         (dict(topp=0), "gradprune topp=0 is invalid: must be in (0, 1]"),
         (dict(topp=1.5), "gradprune topp=1.5 is invalid: must be in (0, 1]"),
         (dict(steps=0), "gradprune steps=0 is invalid: must be an integer >= 1"),
         (dict(steps=-3), "gradprune steps=-3 is invalid"),
         (dict(step_ratio=0), "gradprune step_ratio=0 is invalid: must be in (0, 1)"),
-        (dict(merge_mode="sum"), "gradprune merge_mode='sum' is invalid: must be one of add, average, fisher"),
+        (
+            dict(merge_mode="sum"),
+            "gradprune merge_mode='sum' is invalid: must be one of add, average, fisher",
+        ),
         (dict(score="l1"), "gradprune score='l1' is invalid: must be one of squared, norm"),
         (dict(lora_rank=0), "gradprune lora_rank=0 is invalid"),
     ],
@@ -42,7 +48,9 @@ def test_phase1_steps():
     assert GradPruneConfig().phase1_steps(300) == MIN_STEPS  # at least the minimum
     assert GradPruneConfig().phase1_steps(6) == 5  # but always leaves a phase-2 step
     assert GradPruneConfig(steps=3).phase1_steps(6) == 3
-    with pytest.raises(GradPruneConfigError, match="steps=6 is invalid: must be < the run's 6 optimizer steps"):
+    with pytest.raises(
+        GradPruneConfigError, match="steps=6 is invalid: must be < the run's 6 optimizer steps"
+    ):
         GradPruneConfig(steps=6).phase1_steps(6)
     with pytest.raises(GradPruneConfigError, match="at least 2"):
         GradPruneConfig().phase1_steps(1)

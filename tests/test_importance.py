@@ -123,7 +123,7 @@ def test_gradients_of_a_real_peft_lora_llama(tokenizer):
     texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in chat_rows(16)]
     acc, recorded = IGIAAccumulator(), []
     for step in range(4):
-        batch = tokenizer(texts[4 * step: 4 * step + 4], return_tensors="pt", padding=True)
+        batch = tokenizer(texts[4 * step : 4 * step + 4], return_tensors="pt", padding=True)
         loss = model(**batch, labels=batch["input_ids"]).loss
         loss.backward()
         grads = read_lora_grads(pairs)
