@@ -53,9 +53,12 @@ def read_lora_grads(
     grads = {}
     for pair in pairs:
         grad_a, grad_b = read(pair.lora_a), read(pair.lora_b)
-        if grad_a is None:
-            grad_a = torch.zeros_like(pair.lora_a)
-        if grad_b is None:
-            grad_b = torch.zeros_like(pair.lora_b)
-        grads[pair.name] = (grad_a.detach(), grad_b.detach())
+        grads[pair.name] = (_or_zeros(grad_a, pair.lora_a), _or_zeros(grad_b, pair.lora_b))
     return grads
+
+
+def _or_zeros(grad: torch.Tensor | None, param: nn.Parameter) -> torch.Tensor:
+    if grad is not None:
+        return grad.detach()
+    # Under ZeRO-3 a parameter's local tensor is a partition; ds_shape is its full shape.
+    return torch.zeros(getattr(param, "ds_shape", param.shape), device=param.device)

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+_BLOCK_ELEMENTS = 1 << 22
+"""Elements of one (steps x rows x cols) block while rebuilding F (32 MiB in float64)."""
+
 LoraGrads = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 """Linear name -> (gradient of A, r x n; gradient of B, m x r) for one optimizer step."""
 
@@ -119,13 +122,16 @@ class IGIAAccumulator:
             raise KeyError(f"no LoRA gradients were captured for linear {name!r}")
         rows, cols = self._shapes[name]
         # float64 throughout: squares of gradients near 1e-20 are common and must not underflow,
-        # and the top-p ranking of near-equal elements must not depend on rounding.
-        total = torch.zeros(rows, cols, dtype=torch.float64, device=device)
-        for step in self._factors:
-            grad_a, grad_b = step[name]
-            g = grad_b.to(device, torch.float64) @ grad_a.to(device, torch.float64)
-            total.addcmul_(g, g)
-        return total / self._used
+        # and the top-p ranking of near-equal elements must not depend on rounding. Rows are done
+        # in blocks of all steps at once (one bmm each), so the working set stays small.
+        grad_a = torch.stack([step[name][0] for step in self._factors]).to(device, torch.float64)
+        grad_b = torch.stack([step[name][1] for step in self._factors]).to(device, torch.float64)
+        out = torch.empty(rows, cols, dtype=torch.float64, device=device)
+        block = max(1, _BLOCK_ELEMENTS // (self._used * cols))
+        for start in range(0, rows, block):
+            sim = torch.bmm(grad_b[:, start : start + block], grad_a)  # G_i for these rows, all i
+            out[start : start + block] = sim.square_().sum(0)
+        return out.div_(self._used)
 
 
 def layer_scores(

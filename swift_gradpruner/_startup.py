@@ -1,0 +1,59 @@
+"""Start-up hook (run from swift_gradpruner.pth in every Python process): makes ``swift sft`` accept
+``--gradprune``.
+
+``swift sft`` re-executes ``swift/cli/sft.py`` in a child process (under torchrun: one per rank),
+whose ms-swift argument parser rejects flags it does not know; plugins named by
+``--external_plugins`` are imported only after that parse. So the only place to act is interpreter
+start-up of that child. This module does nothing unless the process is ``swift/cli/sft.py`` AND a
+``--gradprune*`` flag is present; then it moves those flags out of ``sys.argv`` and arranges for
+``swift.pipelines.train.sft.sft_main`` to be wrapped when swift imports it. Everything else (the
+version check, flag validation, the run itself) happens in ``swift_gradpruner.swift.entry``. It
+imports only ``sys`` and ``importlib`` so that unrelated processes pay nothing.
+"""
+
+import contextlib
+import importlib.abc
+import importlib.machinery
+import sys
+
+SWIFT_SFT_SCRIPT = "swift/cli/sft.py"
+TARGET_MODULE = "swift.pipelines.train.sft"
+PENDING: list[str] = []
+"""The ``--gradprune*`` arguments taken out of sys.argv, for the wrapped sft_main."""
+
+
+def install() -> None:
+    if getattr(sys, "_swift_gradpruner_hooked", False) or len(sys.argv) < 2:
+        return
+    if not sys.argv[0].replace("\\", "/").endswith(SWIFT_SFT_SCRIPT):
+        return
+    from .swift.args import is_gradprune_token, split_argv
+
+    if not any(is_gradprune_token(token) for token in sys.argv[1:]):
+        return
+    sys._swift_gradpruner_hooked = True
+    PENDING[:] = sys.argv[1:]
+    with contextlib.suppress(ValueError):  # the wrapped sft_main reports it, before any work
+        sys.argv[1:] = split_argv(sys.argv[1:])[1]
+    sys.meta_path.insert(0, _PatchSftMain())
+
+
+class _PatchSftMain(importlib.abc.MetaPathFinder):
+    """When swift imports its sft pipeline module, replace its ``sft_main`` with GradPruner's."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != TARGET_MODULE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        original_exec = spec.loader.exec_module
+
+        def exec_module(module):
+            original_exec(module)
+            from .swift.entry import wrap_sft_main
+
+            module.sft_main = wrap_sft_main(module.sft_main, PENDING)
+
+        spec.loader.exec_module = exec_module
+        return spec

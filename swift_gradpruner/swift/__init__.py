@@ -1,0 +1,1 @@
+"""The ms-swift adapter: the ``--gradprune`` flags, gradient capture in swift's trainer, the two-phase run."""

@@ -1,0 +1,62 @@
+"""Entry points: the wrapped ``sft_main`` that ``swift sft --gradprune true`` runs, and the Python API."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from importlib.metadata import version
+
+from ..config import GradPruneConfig, GradPruneConfigError
+from .args import parse_gradprune, split_argv
+
+SUPPORTED_SWIFT = ("4.6",)
+"""ms-swift minor versions whose trainer and pipeline internals this adapter was verified against."""
+
+
+def check_swift_version() -> None:
+    installed = version("ms-swift")
+    if not installed.startswith(SUPPORTED_SWIFT):
+        raise GradPruneConfigError(
+            f"swift-gradpruner supports ms-swift {', '.join(v + '.x' for v in SUPPORTED_SWIFT)}, but "
+            f"ms-swift {installed} is installed: pip install 'ms-swift>=4.6,<4.7' or drop --gradprune"
+        )
+
+
+def wrap_sft_main(stock_sft_main: Callable, argv: list[str]) -> Callable:
+    """``sft_main`` for a ``swift sft`` process started with ``--gradprune*`` flags in ``argv``.
+
+    Bad GradPruner input ends the process with one line on stderr, before any model is loaded.
+    """
+
+    def sft_main(args=None):
+        try:
+            raw, rest = split_argv(list(argv))
+            enabled, config = parse_gradprune(raw)
+            if not enabled:
+                if len(raw) > 1:
+                    print(f"[GradPruner] --gradprune is off: ignoring {sorted(raw)}", file=sys.stderr)
+                return stock_sft_main(rest if args is None else args)
+            return gradprune_sft_main(rest if args is None else args, config)
+        except GradPruneConfigError as error:
+            raise SystemExit(f"[GradPruner] error: {error}") from None
+
+    return sft_main
+
+
+def gradprune_sft_main(args: list[str] | None = None, config: GradPruneConfig | None = None):
+    """Run ``swift sft`` with GradPruner from Python.
+
+    ``args`` is the list of swift arguments (default ``sys.argv[1:]``); the GradPruner options come
+    from ``config`` or, if it is None, from ``--gradprune_*`` flags among ``args``. Returns swift's
+    result dict for the phase-2 run plus a ``gradprune`` entry (pruned model dir and report).
+    Raises GradPruneConfigError for bad input, before any model is loaded.
+    """
+    if args is None:
+        args = sys.argv[1:]
+    if config is None:
+        raw, args = split_argv(list(args))
+        config = parse_gradprune({**raw, "gradprune": "true"})[1]
+    check_swift_version()
+    from .pipeline import run
+
+    return run(list(args), config)
