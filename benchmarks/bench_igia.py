@@ -79,9 +79,7 @@ def _rss_mb() -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--rank", type=int, default=8)
@@ -122,9 +120,7 @@ def main() -> None:
         f"  peak RSS growth  : accumulator {acc['peak_rss_mb'] - acc['base_rss_mb']:.0f} MiB, "
         f"naive {naive['peak_rss_mb'] - naive['base_rss_mb']:.0f} MiB (without F)"
     )
-    print(
-        f"  F rebuild        : {acc['igia_one_layer_s']:9.2f} s for one layer's 7 linears, {args.steps} steps"
-    )
+    print(f"  F rebuild        : {acc['igia_one_layer_s']:9.2f} s for one layer's 7 linears, {args.steps} steps")
 
 
 if __name__ == "__main__":

@@ -108,9 +108,7 @@ class IGIAAccumulator:
     def linear_scores(self, kind: str = "squared") -> dict[str, float]:
         """Per-linear score: sum of F (Eq. 3-4, 'squared') or the mean of ||G_i||_F ('norm')."""
         if self._used == 0:
-            raise ValueError(
-                f"no usable gradient step was captured ({self._skipped} skipped for NaN/inf gradients)"
-            )
+            raise ValueError(f"no usable gradient step was captured ({self._skipped} skipped for NaN/inf gradients)")
         source = {"squared": self._sq_sum, "norm": self._norm_sum}[kind]
         return {name: value / self._used for name, value in source.items()}
 

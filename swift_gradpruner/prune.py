@@ -87,15 +87,16 @@ def save_pruned(
     *,
     tokenizer=None,
     overwrite: bool = False,
+    extra_files: dict[str, Any] | None = None,
 ) -> Path:
-    """Save the pruned model as a plain HF checkpoint with the report and score plot inside it."""
-    return save_checkpoint(
-        model,
-        out_dir,
-        tokenizer=tokenizer,
-        overwrite=overwrite,
-        extra_files={
-            REPORT_NAME: lambda path: write_json(path, result.report),
-            PLOT_NAME: lambda path: plot_layer_scores(path, result.report),
-        },
-    )
+    """Save the pruned model as a plain HF checkpoint with the report and score plot inside it.
+
+    ``extra_files`` maps more file names to JSON-able contents (e.g. swift's args.json).
+    """
+    files = {
+        REPORT_NAME: lambda path: write_json(path, result.report),
+        PLOT_NAME: lambda path: plot_layer_scores(path, result.report),
+    }
+    for name, content in (extra_files or {}).items():
+        files[name] = lambda path, content=content: write_json(path, content)
+    return save_checkpoint(model, out_dir, tokenizer=tokenizer, overwrite=overwrite, extra_files=files)

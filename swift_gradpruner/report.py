@@ -51,9 +51,7 @@ def plot_layer_scores(path: Path, report: Mapping[str, Any]) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("decoder layer")
     ax.set_ylabel(f"IGIA layer score ({report['config']['score']})")
-    ax.set_title(
-        f"GradPruner: {len(dropped) + len(merged)} of {len(scores)} layers removed, {len(merged)} merged"
-    )
+    ax.set_title(f"GradPruner: {len(dropped) + len(merged)} of {len(scores)} layers removed, {len(merged)} merged")
     for j, target in merged.items():
         ax.annotate(f"\u2192{target}", (j, max(scores[j], floor)), ha="center", va="bottom", fontsize=7)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in labels]

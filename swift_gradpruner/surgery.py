@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import GradPruneConfig
+from .config import GradPruneConfig, GradPruneConfigError
 from .merge import merge_linear
 from .selection import LayerPlan
 
@@ -28,7 +28,7 @@ LAYERS_PREFIX = "model.layers."
 """Module path of the decoder layers in every supported architecture."""
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(GradPruneConfigError):
     """The model's architecture is not one GradPruner knows how to prune."""
 
 
@@ -40,10 +40,14 @@ def check_supported(config) -> None:
             f"GradPruner does not support model_type {model_type!r}; supported: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)} (decoder layers at model.model.layers)"
         )
-    if getattr(config, "quantization_config", None) is not None:
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
         raise UnsupportedModelError(
-            "GradPruner cannot prune a pre-quantised checkpoint (its config has quantization_config): "
-            "prune the unquantised checkpoint and quantise while training (e.g. --quant_method bnb)"
+            f"GradPruner cannot prune a pre-quantised checkpoint (config.json has quantization_config: "
+            f"{method}): merging adds weights element by element and needs float weights; prune the "
+            "unquantised checkpoint and quantise while training with --quant_method bnb --quant_bits 4 "
+            "(phase 1 then trains QLoRA and the merge reads the float weights from disk)"
         )
 
 

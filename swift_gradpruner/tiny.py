@@ -50,9 +50,7 @@ def chat_rows(count: int, seed: int = 0) -> list[dict]:
             a, b = rng.randrange(20), rng.randrange(20)
             bigger = max(a, b)
             question, answer = f"Which is larger, {a} or {b}?", f"The larger number is {bigger}."
-        rows.append(
-            {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
-        )
+        rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
     return rows
 
 
@@ -133,13 +131,46 @@ def build_model(
 
 
 def create_tiny(
-    out_dir: str | Path, arch: str = "llama", num_layers: int = 6, rows: int = 256, seed: int = 0
+    out_dir: str | Path,
+    arch: str = "llama",
+    num_layers: int = 6,
+    rows: int = 256,
+    seed: int = 0,
+    pretrain_steps: int = 0,
 ) -> tuple[Path, Path]:
-    """Save a tiny model + tokenizer to ``out_dir/model`` and a dataset to ``out_dir/train.jsonl``."""
+    """Save a tiny model + tokenizer to ``out_dir/model`` and a dataset to ``out_dir/train.jsonl``.
+
+    ``pretrain_steps`` > 0 first trains the random model on its own task (see ``pretrain``).
+    """
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
     model = build_model(arch, num_layers, vocab_size=len(tokenizer), seed=seed)
+    if pretrain_steps:
+        pretrain(model, tokenizer, steps=pretrain_steps, seed=seed)
     model_dir = out_dir / "model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     return model_dir, write_dataset(out_dir / "train.jsonl", rows, seed)
+
+
+def pretrain(model, tokenizer, steps: int = 300, batch: int = 16, lr: float = 3e-3, seed: int = 0):
+    """Full-parameter training of a tiny model on its chat data, so that it is a 'pretrained' model
+    whose layers already do something (a random network's gradients say little about a real one)."""
+    import torch
+
+    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in chat_rows(4000, seed + 7)]
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    for _ in range(steps):
+        picks = torch.randint(len(texts), (batch,), generator=gen).tolist()
+        inputs = tokenizer([texts[i] for i in picks], return_tensors="pt", padding=True)
+        labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    model.eval()
+    return loss.item()

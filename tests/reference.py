@@ -53,9 +53,7 @@ def merge(retained, sources, topp, mode, retained_importance=None):
     flats = [(w.flatten().tolist(), f.flatten().tolist()) for w, f in sources]
     out = []
     for j, wr in enumerate(flat_r):
-        taking = [
-            (wm[j], fm[j]) for (wm, fm), top in zip(flats, tops) if j in top and sign(wm[j]) == sign(wr)
-        ]
+        taking = [(wm[j], fm[j]) for (wm, fm), top in zip(flats, tops) if j in top and sign(wm[j]) == sign(wr)]
         if mode == "add":
             out.append(wr + sum(w for w, _ in taking))
         elif mode == "average":

@@ -48,9 +48,7 @@ def test_phase1_steps():
     assert GradPruneConfig().phase1_steps(300) == MIN_STEPS  # at least the minimum
     assert GradPruneConfig().phase1_steps(6) == 5  # but always leaves a phase-2 step
     assert GradPruneConfig(steps=3).phase1_steps(6) == 3
-    with pytest.raises(
-        GradPruneConfigError, match="steps=6 is invalid: must be < the run's 6 optimizer steps"
-    ):
+    with pytest.raises(GradPruneConfigError, match="steps=6 is invalid: must be < the run's 6 optimizer steps"):
         GradPruneConfig(steps=6).phase1_steps(6)
     with pytest.raises(GradPruneConfigError, match="at least 2"):
         GradPruneConfig().phase1_steps(1)

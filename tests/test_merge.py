@@ -8,9 +8,7 @@ from swift_gradpruner.merge import merge_linear, topp_mask
 def weights(shape=(12, 9), n_sources=2, seed=0):
     gen = torch.Generator().manual_seed(seed)
     retained = torch.randn(shape, generator=gen)
-    sources = [
-        (torch.randn(shape, generator=gen), torch.rand(shape, generator=gen) ** 3) for _ in range(n_sources)
-    ]
+    sources = [(torch.randn(shape, generator=gen), torch.rand(shape, generator=gen) ** 3) for _ in range(n_sources)]
     return retained, sources, torch.rand(shape, generator=gen)
 
 
@@ -52,9 +50,7 @@ def test_low_precision_weights_are_merged_in_float32_and_cast_back():
     retained, sources, _ = weights()
     merged, _ = merge_linear(retained.bfloat16(), [(w.bfloat16(), f) for w, f in sources], topp=0.2)
     assert merged.dtype == torch.bfloat16
-    expected = reference.merge(
-        retained.bfloat16().float(), [(w.bfloat16().float(), f) for w, f in sources], 0.2, "add"
-    )
+    expected = reference.merge(retained.bfloat16().float(), [(w.bfloat16().float(), f) for w, f in sources], 0.2, "add")
     torch.testing.assert_close(merged.double(), expected.bfloat16().double())
 
 

@@ -75,9 +75,7 @@ def test_prune_save_reload_generate(arch, tokenizer, tmp_path):
         torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
         assert not torch.equal(got, w_r)
     # Layers that were not merge targets are untouched.
-    torch.testing.assert_close(
-        model.model.layers[1].mlp.up_proj.weight, original["model.layers.2.mlp.up_proj.weight"]
-    )
+    torch.testing.assert_close(model.model.layers[1].mlp.up_proj.weight, original["model.layers.2.mlp.up_proj.weight"])
 
     out = save_pruned(model, result, tmp_path / "pruned", tokenizer=tokenizer)
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -100,9 +98,7 @@ def test_prune_save_reload_generate(arch, tokenizer, tmp_path):
     assert report["params_after"] == sum(p.numel() for p in reloaded.parameters())
     assert report["params_before"] == sum(v.numel() for v in original.values())
     assert report["steps"] == {"used": 3, "skipped_nonfinite": 0, "zero": 0}
-    assert set(report["merged_fraction"]["5"]) == {
-        n.split("layers.5.")[1] for n in ref_f if ".layers.5." in n
-    }
+    assert set(report["merged_fraction"]["5"]) == {n.split("layers.5.")[1] for n in ref_f if ".layers.5." in n}
     assert all(0 < v <= 0.2 for v in report["merged_fraction"]["5"].values())
     assert report["config"]["prune_layers"] == 3
     scores = report["layer_scores"]
@@ -117,9 +113,7 @@ def test_pruned_model_computes_the_original_with_layers_skipped(arch, tokenizer)
     """Reference: the unpruned model whose removed layers are bypassed by an identity hook."""
     model = tiny(arch, tokenizer)
     dense = tiny(arch, tokenizer)
-    result = prune_model(
-        model, accumulate(scaled_steps(model)), GradPruneConfig(prune_layers=3, merge_layers=0)
-    )
+    result = prune_model(model, accumulate(scaled_steps(model)), GradPruneConfig(prune_layers=3, merge_layers=0))
     assert result.plan.removed == (1, 3, 5)
     for j in result.plan.removed:
         dense.model.layers[j].register_forward_hook(lambda mod, args, kwargs, out: args[0], with_kwargs=True)
@@ -139,9 +133,7 @@ def test_pruning_zero_layers_reproduces_the_original(arch, tokenizer, tmp_path):
 def test_unsupported_architecture_fails_before_work(tokenizer):
     config = AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2, vocab_size=64)
     model = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(
-        UnsupportedModelError, match="model_type 'gpt2'; supported: llama, mistral, qwen2, qwen3"
-    ):
+    with pytest.raises(UnsupportedModelError, match="model_type 'gpt2'; supported: llama, mistral, qwen2, qwen3"):
         prune_model(model, IGIAAccumulator(), GradPruneConfig(prune_layers=1, merge_layers=0))
 
 
@@ -179,8 +171,6 @@ def test_failed_save_leaves_nothing_and_existing_output_is_kept(tokenizer, tmp_p
 
 def test_report_written_with_checkpoint(tokenizer, tmp_path):
     model = tiny("llama", tokenizer)
-    result = prune_model(
-        model, accumulate(scaled_steps(model)), GradPruneConfig(prune_layers=2, merge_layers=1)
-    )
+    result = prune_model(model, accumulate(scaled_steps(model)), GradPruneConfig(prune_layers=2, merge_layers=1))
     out = save_pruned(model, result, tmp_path / "m")
     assert json.loads((out / REPORT_NAME).read_text()) == json.loads(json.dumps(result.report))

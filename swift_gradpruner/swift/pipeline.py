@@ -30,7 +30,7 @@ from ..config import GradPruneConfig, GradPruneConfigError
 from ..importance import IGIAAccumulator
 from ..report import REPORT_NAME, read_report
 from ..selection import layers_to_remove
-from ..surgery import LAYERS_PREFIX, UnsupportedModelError, check_supported, parameter_counts
+from ..surgery import LAYERS_PREFIX, check_supported, parameter_counts
 from .callback import IGIACaptureCallback
 
 GRADPRUNE_DIR = "gradprune"
@@ -52,33 +52,39 @@ def run(argv: list[str], config: GradPruneConfig) -> dict[str, Any]:
 
     logger = get_logger()
     args = parse_sft_args(argv)
+    key = config_hash(args, config)
     try:
         preflight(args, config)
-    except (GradPruneConfigError, UnsupportedModelError):
+        if args.resume_from_checkpoint:
+            pruned_dir = pruned_model_of_checkpoint(args.resume_from_checkpoint, key)
+        else:
+            pruned_dir = find_finished_phase1(args, key)
+    except GradPruneConfigError:
         _remove_empty_output_dirs(args)
         raise
-    key = config_hash(args, config)
-    pruned_dir = find_finished_phase1(args, key)
     if pruned_dir is None:
         pruned_dir = Path(args.output_dir) / GRADPRUNE_DIR / MODEL_DIR
         run_phase1_and_prune(argv, args, config, key, pruned_dir)
     else:
-        logger.info(
-            f"[GradPruner] reusing the pruned model of an earlier run with the same settings: {pruned_dir}"
-        )
+        logger.info(f"[GradPruner] reusing the pruned model of an earlier run with the same settings: {pruned_dir}")
     report = read_report(pruned_dir)
     logger.info(f"[GradPruner] {summary(report)}; phase 2 trains {pruned_dir}")
     phase2 = [*argv, "--model", str(pruned_dir), "--model_type", args.model_type, "--template", args.template,
               "--output_dir", args.output_dir, "--add_version", "false"]  # fmt: skip
-    result = SwiftSft(phase2).main()
+    result = SwiftSft(parse_sft_args(phase2)).main()
     result["gradprune"] = {"pruned_model": str(pruned_dir), "report": str(pruned_dir / REPORT_NAME)}
     return result
 
 
 def parse_sft_args(argv: list[str]):
+    import os
+
     from swift.arguments import SftArguments
     from swift.utils import parse_args
 
+    # swift exports its logging dir with os.environ.setdefault; a second parse in this process
+    # would otherwise send the later phase's TensorBoard events into the first one's folder.
+    os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
     args, remaining = parse_args(SftArguments, argv)
     if remaining and not args.ignore_args_error:
         raise ValueError(f"remaining_argv: {remaining}")
@@ -145,15 +151,24 @@ def phase1_targets(args) -> tuple[list[str], str | None]:
 
 
 def estimate_total_steps(args) -> int:
-    """Optimizer steps of the run, from the raw training set (an upper bound if rows get filtered)."""
+    """Optimizer steps of the run as the Trainer counts them, from the raw training set.
+
+    Each rank gets rows // world_size rows (swift's BatchSamplerShard), a rank's dataloader has
+    ceil(rows / batch) batches, an epoch ceil(batches / accumulation) steps. Rows that encoding
+    drops later (too long) make the real T smaller; the capture callback checks the real T again.
+    """
     import math
 
     train, _ = args.load_dataset()
-    rows = len(train)
-    batches = math.ceil(rows / (args.per_device_train_batch_size * world_size()))
-    accumulation = args.gradient_accumulation_steps or 1
-    per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)
+    batches = math.ceil(len(train) // world_size() / args.per_device_train_batch_size)
+    per_epoch = max(math.ceil(batches / args.training_args.gradient_accumulation_steps), 1)
     return math.ceil(args.num_train_epochs * per_epoch)
+
+
+def swift_version() -> str:
+    from importlib.metadata import version
+
+    return version("ms-swift")
 
 
 def world_size() -> int:
@@ -162,10 +177,16 @@ def world_size() -> int:
     return max(get_dist_setting()[2], 1)
 
 
-def config_hash(args, config: GradPruneConfig) -> str:
+def phase1_settings(args) -> dict[str, str]:
+    """The swift settings that shape phase 1 (HASHED_ARGS, as the trainer resolved them)."""
     settings = {name: str(getattr(args, name, None)) for name in HASHED_ARGS}
-    settings["world_size"] = world_size()
-    blob = json.dumps({"gradprune": config.to_dict(), "swift": settings}, sort_keys=True)
+    settings["gradient_accumulation_steps"] = str(args.training_args.gradient_accumulation_steps)
+    settings["world_size"] = str(world_size())
+    return settings
+
+
+def config_hash(args, config: GradPruneConfig) -> str:
+    blob = json.dumps({"gradprune": config.to_dict(), "swift": phase1_settings(args)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -183,13 +204,28 @@ def find_finished_phase1(args, key: str) -> Path | None:
     return None
 
 
+def pruned_model_of_checkpoint(checkpoint: str, key: str) -> Path:
+    """The pruned model a phase-2 checkpoint was trained on; it must come from these same settings."""
+    args_file = Path(checkpoint) / "args.json"
+    model = json.loads(args_file.read_text())["model"] if args_file.is_file() else None
+    report = read_report(model) if model else None
+    if report is None or report.get("config_hash") != key:
+        raise GradPruneConfigError(
+            f"--resume_from_checkpoint {checkpoint} cannot be resumed with these settings: it was trained on "
+            f"{model}, which is not a GradPruner model made with the same swift and --gradprune arguments; "
+            "repeat the original command's arguments, or start again without --resume_from_checkpoint"
+        )
+    return Path(model)
+
+
 def run_phase1_and_prune(argv: list[str], args, config: GradPruneConfig, key: str, pruned_dir: Path) -> None:
     from swift.utils import get_logger, is_master
 
     logger = get_logger()
     phase1_dir = pruned_dir.parent / PHASE1_DIR
     accumulator = IGIAAccumulator(keep_factors=is_master())
-    phase1 = _phase1_pipeline_class()(phase1_argv(argv, args, config, phase1_dir), config, accumulator)
+    phase1_args = parse_sft_args(phase1_argv(argv, args, config, phase1_dir))
+    phase1 = _phase1_pipeline_class()(phase1_args, config, accumulator)
     phase1.main()
     capture = phase1.capture
     phase1_info = {
@@ -207,14 +243,16 @@ def run_phase1_and_prune(argv: list[str], args, config: GradPruneConfig, key: st
         },
         "config_hash": key,
         "source_model": args.model_dir,
-        "swift_args": json.loads(json.dumps({n: getattr(args, n, None) for n in HASHED_ARGS}, default=str)),
+        "swift_settings": phase1_settings(args),
     }
     del phase1, capture
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if is_master():
-        prune_checkpoint(args.model_dir, accumulator, config, pruned_dir, phase1_info)
+        swift_args = {"swift_version": swift_version(), "model": str(pruned_dir), "model_type": args.model_type,
+                      "template": args.template, "task_type": "causal_lm", "tuner_type": "full"}  # fmt: skip
+        prune_checkpoint(args.model_dir, accumulator, config, pruned_dir, phase1_info, swift_args)
     del accumulator
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -222,8 +260,12 @@ def run_phase1_and_prune(argv: list[str], args, config: GradPruneConfig, key: st
 
 
 def prune_checkpoint(model_dir: str, accumulator: IGIAAccumulator, config: GradPruneConfig, out_dir: Path,
-                     extra: dict[str, Any]) -> None:  # fmt: skip
-    """Load the base checkpoint on CPU in its own dtype, prune and merge it, save it with its report."""
+                     extra: dict[str, Any], swift_args: dict[str, Any]) -> None:  # fmt: skip
+    """Load the base checkpoint on CPU in its own dtype, prune and merge it, save it with its report.
+
+    ``swift_args`` becomes the checkpoint's args.json, from which ``swift infer --model`` and
+    ``swift export`` take model_type and template (``swift sft`` ignores it: load_args is off there).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..prune import prune_model, save_pruned
@@ -233,7 +275,7 @@ def prune_checkpoint(model_dir: str, accumulator: IGIAAccumulator, config: GradP
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = prune_model(model, accumulator, config, device=device, extra=extra)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    save_pruned(model, result, out_dir, tokenizer=tokenizer, overwrite=True)
+    save_pruned(model, result, out_dir, tokenizer=tokenizer, overwrite=True, extra_files={"args.json": swift_args})
 
 
 @contextmanager
@@ -299,11 +341,11 @@ def _phase1_pipeline_class():
     class GradPrunePhase1(SwiftSft):
         """SwiftSft that adds the gradient-capture callback to its trainer."""
 
-        def __init__(self, argv: list[str], config: GradPruneConfig, accumulator: IGIAAccumulator) -> None:
+        def __init__(self, args, config: GradPruneConfig, accumulator: IGIAAccumulator) -> None:
             self.gradprune_config = config
             self.accumulator = accumulator
             self.capture = None
-            super().__init__(argv)
+            super().__init__(args)
 
         def train(self, trainer):
             from swift.utils import is_master

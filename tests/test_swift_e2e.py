@@ -1,0 +1,261 @@
+"""End to end: `swift sft ... --gradprune true` in a subprocess, as a user runs it (minutes on CPU)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from swift_run import COMMON, TESTS, check, logged_losses, report_of, run_dir, swift
+from transformers import AutoModelForCausalLM
+
+import reference
+from swift_gradpruner.tiny import create_tiny
+
+pytestmark = pytest.mark.slow
+
+REPORT_KEYS = {
+    "config", "steps", "layer_scores", "linear_scores", "dropped_layers", "merged_layers", "kept_layers",
+    "merged_fraction", "num_layers_before", "num_layers_after", "params_before", "params_after",
+    "params_removed_fraction", "phase1", "config_hash", "source_model",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    llama, data = create_tiny(root / "llama", "llama", num_layers=6, rows=256)
+    qwen2, _ = create_tiny(root / "qwen2", "qwen2", num_layers=6, rows=16)
+    return {"root": root, "llama": llama, "qwen2": qwen2, "data": data}
+
+
+def test_lora_run_end_to_end(tiny, tmp_path):
+    """LoRA run with gradient accumulation 2: pruned model, report, phase-2 adapter, infer, export.
+
+    A second, independent callback records p.grad at every phase-1 optimizer step; the scores in
+    the report must equal the brute-force IGIA of those recorded gradients.
+    """
+    record = tmp_path / "grads"
+    record.mkdir()
+    out = tmp_path / "out"
+    proc = check(swift(
+        "sft", "--model", str(tiny["llama"]), "--model_type", "llama", "--dataset", str(tiny["data"]), *COMMON,
+        "--tuner_type", "lora", "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-3",
+        "--max_steps", "10", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+        "--max_grad_norm", "0", "--save_steps", "10", "--output_dir", str(out),
+        "--external_plugins", str(TESTS / "plugins" / "grad_recorder.py"), "--callbacks", "grad_recorder",
+        "--gradprune", "true", "--gradprune_prune_layers", "2", "--gradprune_merge_layers", "1",
+        "--gradprune_steps", "4",
+        cwd=tmp_path, env={"GRAD_RECORD_DIR": str(record)},
+    ))  # fmt: skip
+    run = run_dir(out)
+    pruned = run / "gradprune" / "model"
+    report = report_of(out)
+    assert set(report) >= REPORT_KEYS
+    assert json.loads((pruned / "config.json").read_text())["num_hidden_layers"] == 4
+    assert report["num_layers_after"] == 4 and len(report["dropped_layers"]) == 1 and len(report["merged_layers"]) == 1
+    assert report["steps"] == {"used": 4, "skipped_nonfinite": 0, "zero": 1}  # LoRA B = 0 at the first step
+    assert report["phase1"]["steps_captured"] == 4 and report["phase1"]["total_steps"] == 10
+    assert "[GradPruner] removed 2 of 6 layers" in proc.output
+
+    # Capture correctness: 4 optimizer steps of 2 micro-batches each were recorded independently.
+    steps = [torch.load(p) for p in sorted(record.glob("step*.pt"))]
+    assert len(steps) == 4
+    recorded = [_pairs(step) for step in steps]
+    expected = {name: float(f.sum()) for name, f in reference.igia(recorded).items()}
+    assert set(expected) == set(report["linear_scores"])
+    for name, value in report["linear_scores"].items():
+        assert value == pytest.approx(expected[name], rel=1e-5), name
+
+    # Phase 2 produced an ordinary swift LoRA checkpoint on top of the pruned model.
+    checkpoint = run / "checkpoint-10"
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    assert json.loads((checkpoint / "args.json").read_text())["model"] == str(pruned)
+    losses = logged_losses(run)
+    assert len(losses) == 10 and all(loss == loss for loss in losses)
+
+    # swift infer and swift export find the pruned base through the checkpoint alone.
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"messages": [{"role": "user", "content": "What is 2 plus 3?"}]}) + "\n")
+    answers = tmp_path / "answers.jsonl"
+    check(swift("infer", "--adapters", str(checkpoint), "--val_dataset", str(questions), "--max_new_tokens", "8",
+                "--temperature", "0", "--result_path", str(answers), cwd=tmp_path))  # fmt: skip
+    assert isinstance(json.loads(answers.read_text().splitlines()[0])["response"], str)
+    merged = tmp_path / "merged"
+    check(swift("export", "--adapters", str(checkpoint), "--merge_lora", "true", "--output_dir", str(merged),
+                cwd=tmp_path))  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    out_ids = model.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False, use_cache=True)
+    assert out_ids.shape == (1, 9)
+
+
+def _pairs(named_grads: dict) -> dict:
+    """peft parameter names -> {linear name: (gA, gB)}."""
+    pairs: dict = {}
+    for name, grad in named_grads.items():
+        match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.default\.weight", name)
+        linear, which = match.groups()
+        pairs.setdefault(linear, {})[which] = grad
+    return {linear: (ab["A"], ab["B"]) for linear, ab in pairs.items()}
+
+
+def test_full_run_from_yaml_then_rerun_and_resume(tiny, tmp_path):
+    """`swift sft config.yaml` with full fine-tuning; a repeated run reuses phase 1 and resumes phase 2."""
+    out = tmp_path / "out"
+    config = {
+        "model": str(tiny["qwen2"]), "model_type": "qwen2", "template": "chatml", "dataset": str(tiny["data"]),
+        "check_model": False, "torch_dtype": "float32", "fp16": False, "dataloader_num_workers": 0,
+        "report_to": "none", "tuner_type": "full", "learning_rate": 1e-4, "max_steps": 8, "save_steps": 4,
+        "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "logging_steps": 1,
+        "output_dir": str(out), "gradprune": True, "gradprune_prune_ratio": 0.3, "gradprune_merge_layers": 1,
+        "gradprune_steps": 3, "gradprune_merge_mode": "fisher",
+    }  # fmt: skip
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    check(swift("sft", str(config_file), cwd=tmp_path))
+    first = run_dir(out)
+    report = report_of(out)
+    removed = report["num_layers_before"] - report["num_layers_after"]
+    assert removed >= 2 and len(report["merged_layers"]) == 1
+    assert report["config"]["merge_mode"] == "fisher" and report["phase1"]["lora_rank"] == 8  # GradPruner's
+    checkpoint = first / "checkpoint-8"
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert model.config.num_hidden_layers == 6 - removed
+    assert model.config.layer_types == ["full_attention"] * (6 - removed)
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"messages": [{"role": "user", "content": "Spell stone backwards."}]}) + "\n")
+    answers = tmp_path / "answers.jsonl"
+    check(swift("infer", "--model", str(checkpoint), "--val_dataset", str(questions), "--max_new_tokens", "8",
+                "--result_path", str(answers), cwd=tmp_path))  # fmt: skip
+    assert answers.read_text().strip()
+
+    # The same command again, resuming phase 2 from its step-4 checkpoint: phase 1 is not redone.
+    proc = check(swift("sft", str(config_file), "--resume_from_checkpoint", str(first / "checkpoint-4"), cwd=tmp_path))
+    second = run_dir(out)
+    assert second != first and not (second / "gradprune").exists()
+    assert f"reusing the pruned model of an earlier run with the same settings: {first}" in proc.output
+    state = json.loads((second / "checkpoint-8" / "trainer_state.json").read_text())
+    assert state["global_step"] == 8 and len(logged_losses(second)) == 4  # steps 5..8 only
+
+    # Different GradPruner settings cannot resume a checkpoint trained on another pruned model.
+    proc = swift("sft", str(config_file), "--gradprune_topp", "0.5", "--resume_from_checkpoint",
+                 str(first / "checkpoint-4"), cwd=tmp_path)  # fmt: skip
+    assert proc.returncode != 0
+    assert "[GradPruner] error: --resume_from_checkpoint" in proc.output
+    assert sorted(p.name for p in out.iterdir()) == sorted([first.name, second.name])
+
+
+def test_without_gradprune_swift_is_unchanged(tiny, tmp_path):
+    """No flag: the start-up hook never engages; --gradprune false: swift's own run, the same losses."""
+    runs = {}
+    for variant, extra in (("plain", []), ("off", ["--gradprune", "false"])):
+        out = tmp_path / variant
+        proc = check(swift(
+            "sft", "--model", str(tiny["llama"]), "--model_type", "llama", "--dataset", str(tiny["data"]), *COMMON,
+            "--max_steps", "4", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+            "--save_steps", "4", "--output_dir", str(out), *extra, cwd=tmp_path,
+        ))  # fmt: skip
+        run = run_dir(out)
+        assert not (run / "gradprune").exists() and "GradPruner" not in proc.output
+        assert (run / "checkpoint-4" / "adapter_model.safetensors").is_file()
+        runs[variant] = logged_losses(run)
+    assert len(runs["plain"]) == 4 and runs["plain"] == runs["off"]
+
+
+BAD_INPUTS = [
+    (["--gradprune_steps", "8"], "gradprune steps=8 is invalid: must be < the run's 8 optimizer steps"),
+    (["--gradprune_prune_ratio", "1.5"], "gradprune prune_ratio=1.5 is invalid: must be in (0, 1)"),
+    (["--gradprune_prune_ratio", "0.01"], "gradprune prune_ratio=0.01 is invalid for this model"),
+    (["--gradprune_prune_layers", "2", "--gradprune_merge_layers", "3"], "gradprune merge_layers=3 is invalid"),
+    (["--gradprune_prune_layers", "6"], "the model has 6 decoder layers, so it must be between 1 and 5"),
+    (["--target_modules", "foo_proj"], "LoRA target modules 'foo_proj' match no linear layer"),
+    (["--gradprune_prune_layer", "2"], "unknown flag --gradprune_prune_layer; valid GradPruner flags"),
+    (["--gradprune_topp", "abc"], "--gradprune_topp 'abc' is not a valid float"),
+    (["--gradprune_merge_mode", "sum"], "gradprune merge_mode='sum' is invalid: must be one of add, average, fisher"),
+    (["@phi3"], "GradPruner does not support model_type 'phi3'; supported: llama, mistral, qwen2, qwen3"),
+    (["@quantised"], "cannot prune a pre-quantised checkpoint (config.json has quantization_config: gptq)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("extra, message", BAD_INPUTS, ids=[m[:40] for _, m in BAD_INPUTS])
+def test_bad_input_fails_early_with_one_line_and_no_output_dir(tiny, tmp_path, extra, message):
+    model, model_type = str(tiny["llama"]), "llama"
+    if extra == ["@phi3"]:
+        model, model_type, extra = str(_phi3(tiny["root"])), "phi3", []
+    elif extra == ["@quantised"]:
+        model, extra = str(_quantised(tiny["root"], tiny["llama"])), []
+    out = tmp_path / "out"
+    proc = swift("sft", "--model", model, "--model_type", model_type, "--dataset", str(tiny["data"]), *COMMON,
+                 "--max_steps", "8", "--gradient_accumulation_steps", "1", "--output_dir", str(out),
+                 "--gradprune", "true", *extra, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode != 0
+    last = proc.output.strip().splitlines()[-1]
+    assert last.startswith("[GradPruner] error: ") and message in last, proc.output[-3000:]
+    assert "Traceback" not in proc.output
+    assert not out.exists()
+    assert "Train:" not in proc.output  # nothing was trained
+
+
+def _phi3(root: Path) -> Path:
+    path = root / "phi3"
+    if not path.exists():
+        from transformers import AutoConfig
+
+        from swift_gradpruner.tiny import build_tokenizer
+
+        tokenizer = build_tokenizer()
+        config = AutoConfig.for_model(
+            "phi3", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=4, pad_token_id=0, eos_token_id=2, bos_token_id=None,
+        )  # fmt: skip
+        AutoModelForCausalLM.from_config(config).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def _quantised(root: Path, source: Path) -> Path:
+    import shutil
+
+    path = root / "quantised"
+    if not path.exists():
+        shutil.copytree(source, path)
+        config = json.loads((path / "config.json").read_text())
+        config["quantization_config"] = {
+            "quant_method": "gptq",
+            "bits": 4,
+            "group_size": 128,
+            "desc_act": False,
+        }
+        (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_examples_yaml_are_valid_swift_and_gradprune_configs():
+    from dataclasses import fields
+
+    from swift.arguments import SftArguments
+
+    from swift_gradpruner.demo import TINY_CPU_YAML
+    from swift_gradpruner.swift.args import parse_gradprune
+
+    folder = TESTS.parent / "examples" / "yaml"
+    files = sorted(folder.glob("*.yaml"))
+    assert {f.name for f in files} >= {
+        "tiny_cpu.yaml", "llama3_1_8b_lora.yaml", "llama3_1_8b_full.yaml", "qwen2_5_7b_lora.yaml",
+        "mistral_7b_full.yaml",
+    }  # fmt: skip
+    swift_fields = {f.name for f in fields(SftArguments)}
+    for file in files:
+        config = yaml.safe_load(file.read_text())
+        ours = {k: str(v) for k, v in config.items() if k.startswith("gradprune")}
+        enabled, _ = parse_gradprune(ours)
+        assert enabled, file.name
+        unknown = set(config) - set(ours) - swift_fields - {"ENV"}
+        assert not unknown, f"{file.name}: not swift arguments: {unknown}"
+    assert (folder / "tiny_cpu.yaml").read_text() == TINY_CPU_YAML
