@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from swift_run import COMMON, TESTS, check, logged_losses, report_of, run_dir, swift
 from transformers import AutoModelForCausalLM
 
 import reference
 from swift_gradpruner.tiny import create_tiny
+from swift_run import COMMON, TESTS, check, logged_losses, report_of, run_dir, swift
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,35 @@
+"""The README's main command: `gradprune demo` runs a real swift sft GradPruner run offline."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+from swift_gradpruner.demo import offline_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_end_to_end(tmp_path):
+    gradprune = Path(sys.executable).with_name("gradprune")
+    proc = subprocess.run([str(gradprune), "demo", "--dir", "demo"], cwd=tmp_path, env=offline_env(),
+                          capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    root = tmp_path / "demo"
+    assert yaml.safe_load((root / "tiny_cpu.yaml").read_text())["gradprune"] is True
+    (run,) = (root / "output").glob("v*")
+    pruned = run / "gradprune" / "model"
+    report = json.loads((pruned / "gradprune_report.json").read_text())
+    # Paper defaults: 40% of all parameters -> 4 of the 8 layers, 3 of them merged where possible.
+    assert report["num_layers_before"] == 8 and report["num_layers_after"] == 4
+    assert report["params_removed_fraction"] == pytest.approx(0.41, abs=0.02)
+    assert AutoModelForCausalLM.from_pretrained(pruned).config.num_hidden_layers == 4
+    assert (run / "checkpoint-150" / "adapter_model.safetensors").is_file()
+    answers = [json.loads(line) for line in (run / "demo_answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 3 and all(isinstance(a["response"], str) for a in answers)
+    assert f"pruned model     : {pruned.relative_to(tmp_path)}" in proc.stdout
+    assert "A: " in proc.stdout

@@ -1,0 +1,63 @@
+"""Under DeepSpeed ZeRO-2/ZeRO-3 (gradients sharded) the scores equal those of a plain run.
+
+CPU, gloo: one process for ZeRO-2 and ZeRO-3, and two processes for ZeRO-2 data parallelism
+(each rank sees half of every batch; the gathered gradients must equal one process seeing all).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from swift_gradpruner.tiny import create_tiny
+from swift_run import COMMON, check, report_of, swift
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    model, data = create_tiny(root / "llama", "llama", num_layers=6, rows=128)
+
+    def run(name: str, *extra: str, batch: int = 2, accumulation: int = 2, env: dict | None = None) -> dict:
+        out = root / name
+        check(swift(
+            "sft", "--model", str(model), "--model_type", "llama", "--dataset", str(data), *COMMON,
+            "--tuner_type", "lora", "--lora_dropout", "0", "--max_steps", "6", "--save_steps", "6",
+            "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation),
+            "--output_dir", str(out), "--gradprune", "true", "--gradprune_prune_layers", "2",
+            "--gradprune_merge_layers", "1", "--gradprune_steps", "4", *extra,
+            cwd=root, env={"NPROC_PER_NODE": "1", **(env or {})},
+        ))  # fmt: skip
+        return report_of(out)
+
+    return run
+
+
+def assert_same_scores(report: dict, expected: dict) -> None:
+    assert report["steps"] == expected["steps"]
+    assert report["layer_scores"] == pytest.approx(expected["layer_scores"], rel=1e-5)
+    for name, value in expected["linear_scores"].items():
+        assert report["linear_scores"][name] == pytest.approx(value, rel=1e-5), name
+    assert (report["dropped_layers"], report["merged_layers"]) == (
+        expected["dropped_layers"],
+        expected["merged_layers"],
+    )
+
+
+def test_zero2_zero3_and_two_rank_zero2_match_a_plain_run(runs):
+    plain = runs("plain")
+    assert plain["phase1"]["deepspeed"] is False
+    for stage in ("zero2", "zero3"):
+        report = runs(stage, "--deepspeed", stage)
+        assert report["phase1"]["deepspeed"] is True
+        assert_same_scores(report, plain)
+    # Two ranks with accumulation 1 see, per optimizer step, the same 4 rows as one rank with 2.
+    two = runs("zero2_dp2", "--deepspeed", "zero2", "--use_cpu", "true", accumulation=1, env={"NPROC_PER_NODE": "2"})
+    assert two["phase1"]["world_size"] == 2
+    assert_same_scores(two, plain)
