@@ -22,6 +22,7 @@ _EXPORTS = {
     "prune_model": "prune",
     "save_pruned": "prune",
     "PruneResult": "prune",
+    "gradprune_sft_main": "swift.entry",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -1,0 +1,18 @@
+"""The README documents every flag with its current default; the package exports what it shows."""
+
+from pathlib import Path
+
+import swift_gradpruner
+from swift_gradpruner.swift.args import flag_help
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def test_readme_lists_every_flag_with_its_default_and_help():
+    for flag, default, text in flag_help():
+        assert f"| `{flag}` | `{default}` | {text} |" in README, flag
+
+
+def test_public_names_resolve():
+    for name in swift_gradpruner.__all__:
+        assert getattr(swift_gradpruner, name) is not None
