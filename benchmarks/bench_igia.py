@@ -20,16 +20,9 @@ import time
 
 import torch
 
-HIDDEN, KV, FFN = 4096, 1024, 14336
-SHAPES = {
-    "self_attn.q_proj": (HIDDEN, HIDDEN),
-    "self_attn.k_proj": (KV, HIDDEN),
-    "self_attn.v_proj": (KV, HIDDEN),
-    "self_attn.o_proj": (HIDDEN, HIDDEN),
-    "mlp.gate_proj": (FFN, HIDDEN),
-    "mlp.up_proj": (FFN, HIDDEN),
-    "mlp.down_proj": (HIDDEN, FFN),
-}
+from swift_gradpruner.tiny import llama_linear_shapes
+
+SHAPES = llama_linear_shapes(hidden=4096, kv=1024, ffn=14336)  # Llama-3.1-8B
 
 
 def make_step(layers: int, rank: int, seed: int) -> dict:

@@ -34,6 +34,19 @@ WORDS = [
 ]
 
 
+def llama_linear_shapes(hidden: int, kv: int, ffn: int) -> dict[str, tuple[int, int]]:
+    """(out, in) shape of each linear of a Llama-style decoder layer (``kv`` = k/v output size, GQA)."""
+    return {
+        "self_attn.q_proj": (hidden, hidden),
+        "self_attn.k_proj": (kv, hidden),
+        "self_attn.v_proj": (kv, hidden),
+        "self_attn.o_proj": (hidden, hidden),
+        "mlp.gate_proj": (ffn, hidden),
+        "mlp.up_proj": (ffn, hidden),
+        "mlp.down_proj": (hidden, ffn),
+    }
+
+
 def chat_rows(count: int, seed: int = 0) -> list[dict]:
     """``count`` deterministic chat examples in ms-swift's messages format."""
     rng = random.Random(seed)

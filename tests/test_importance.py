@@ -6,18 +6,11 @@ import torch
 import reference
 from swift_gradpruner.capture import lora_pairs, read_lora_grads
 from swift_gradpruner.importance import IGIAAccumulator, layer_scores
+from swift_gradpruner.tiny import llama_linear_shapes
 
 # Llama-like shapes with GQA (k/v project to fewer rows than q) and m != n everywhere in the MLP.
-HIDDEN, KV, FFN, RANK = 48, 16, 80, 4
-SHAPES = {
-    "self_attn.q_proj": (HIDDEN, HIDDEN),
-    "self_attn.k_proj": (KV, HIDDEN),
-    "self_attn.v_proj": (KV, HIDDEN),
-    "self_attn.o_proj": (HIDDEN, HIDDEN),
-    "mlp.gate_proj": (FFN, HIDDEN),
-    "mlp.up_proj": (FFN, HIDDEN),
-    "mlp.down_proj": (HIDDEN, FFN),
-}
+RANK = 4
+SHAPES = llama_linear_shapes(hidden=48, kv=16, ffn=80)
 
 
 def random_steps(num_layers=3, steps=5, seed=0, scale=1.0):

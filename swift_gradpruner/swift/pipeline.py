@@ -102,6 +102,11 @@ def preflight(args, config: GradPruneConfig) -> None:
             f"--tuner_backend {args.tuner_backend} is not supported: GradPruner's phase 1 needs peft LoRA; "
             "use --tuner_backend peft"
         )
+    if args.fsdp:
+        raise GradPruneConfigError(
+            f"--fsdp {args.fsdp} is not supported with --gradprune yet (FSDP shards the LoRA gradients and "
+            "GradPruner reads them through DeepSpeed's API): use --deepspeed zero2 or zero3"
+        )
     if args.adapters:
         raise GradPruneConfigError(
             "--adapters cannot be combined with --gradprune: adapters trained on the dense model do not fit "
@@ -201,6 +206,10 @@ def find_finished_phase1(args, key: str) -> Path | None:
         report = read_report(candidate)
         if report and report.get("config_hash") == key and (candidate / "config.json").is_file():
             return candidate
+    if read_report(candidates[0]) is not None:
+        from swift.utils import get_logger
+
+        get_logger().warning(f"[GradPruner] {candidates[0]} was made with other settings; it will be replaced")
     return None
 
 
