@@ -57,8 +57,7 @@ class IGIACaptureCallback(TrainerCallback):
                     self._capture(full_grad_reader(engine))
                 return original(*a, **kw)
 
-            engine.step = step
-            self._restore = (engine, "step", original)
+            self._wrap(engine, "step", step)
         else:
             accelerator = self.trainer.accelerator
             original = accelerator.unscale_gradients
@@ -68,8 +67,7 @@ class IGIACaptureCallback(TrainerCallback):
                 self._capture()
                 return result
 
-            accelerator.unscale_gradients = unscale_gradients
-            self._restore = (accelerator, "unscale_gradients", original)
+            self._wrap(accelerator, "unscale_gradients", unscale_gradients)
         logger.info(
             f"GradPruner phase 1: capturing LoRA gradients of {len(self.pairs)} linears "
             f"for {self.steps} of {state.max_steps} optimizer steps"
@@ -89,8 +87,15 @@ class IGIACaptureCallback(TrainerCallback):
             control.should_save = False
             control.should_evaluate = False
 
+    def _wrap(self, owner, name: str, wrapper) -> None:
+        self._restore = (owner, name, vars(owner).get(name))
+        setattr(owner, name, wrapper)
+
     def on_train_end(self, args, state, control, **kwargs):
         if self._restore is not None:
-            owner, name, original = self._restore
-            setattr(owner, name, original)
+            owner, name, own_attribute = self._restore
+            if own_attribute is None:
+                delattr(owner, name)  # back to the class's method
+            else:
+                setattr(owner, name, own_attribute)
             self._restore = None

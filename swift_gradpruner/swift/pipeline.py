@@ -39,11 +39,12 @@ PHASE1_DIR = "phase1"
 HASHED_ARGS = (
     "model", "model_revision", "model_type", "template", "dataset", "split_dataset_ratio", "dataset_shuffle",
     "data_seed", "seed", "max_length", "truncation_strategy", "packing", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps",
+    "learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps",
     "weight_decay", "num_train_epochs", "max_steps", "max_grad_norm", "tuner_type", "lora_rank", "lora_alpha",
     "lora_dropout", "target_modules", "target_regex", "torch_dtype", "deepspeed",
 )  # fmt: skip
-"""SftArguments that shape phase 1: a saved pruned model is reused only if none of them changed."""
+"""SftArguments that shape phase 1 (with the resolved gradient accumulation and the world size):
+a saved pruned model is reused only if none of them changed."""
 
 
 def run(argv: list[str], config: GradPruneConfig) -> dict[str, Any]:
@@ -122,7 +123,7 @@ def preflight(args, config: GradPruneConfig) -> None:
         meta = MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)](model_config)
     per_layer, total = parameter_counts(meta)
     layers_to_remove(config, per_layer, total)
-    check_lora_targets(args, config, meta)
+    check_lora_targets(args, meta)
     total_steps = args.max_steps if args.max_steps and args.max_steps > 0 else None
     if total_steps is None and config.steps is not None:
         total_steps = estimate_total_steps(args)
@@ -130,7 +131,7 @@ def preflight(args, config: GradPruneConfig) -> None:
         config.phase1_steps(total_steps)
 
 
-def check_lora_targets(args, config: GradPruneConfig, meta_model) -> None:
+def check_lora_targets(args, meta_model) -> None:
     """Phase 1's LoRA must adapt at least one linear of a decoder layer."""
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
