@@ -178,6 +178,8 @@ BAD_INPUTS = [
     (["--gradprune_prune_layer", "2"], "unknown flag --gradprune_prune_layer; valid GradPruner flags"),
     (["--gradprune_topp", "abc"], "--gradprune_topp 'abc' is not a valid float"),
     (["--gradprune_merge_mode", "sum"], "gradprune merge_mode='sum' is invalid: must be one of add, average, fisher"),
+    (["--fsdp", "fsdp2"], "is not supported with --gradprune yet (FSDP shards the LoRA gradients"),
+    (["--adapters", "@adapter"], "--adapters cannot be combined with --gradprune: adapters trained on the dense model"),
     (["@phi3"], "GradPruner does not support model_type 'phi3'; supported: llama, mistral, qwen2, qwen3"),
     (["@quantised"], "cannot prune a pre-quantised checkpoint (config.json has quantization_config: gptq)"),
 ]  # fmt: skip
@@ -190,6 +192,7 @@ def test_bad_input_fails_early_with_one_line_and_no_output_dir(tiny, tmp_path, e
         model, model_type, extra = str(_phi3(tiny["root"])), "phi3", []
     elif extra == ["@quantised"]:
         model, extra = str(_quantised(tiny["root"], tiny["llama"])), []
+    extra = [str(_adapter(tiny["root"], tiny["llama"])) if token == "@adapter" else token for token in extra]
     out = tmp_path / "out"
     proc = swift("sft", "--model", model, "--model_type", model_type, "--dataset", str(tiny["data"]), *COMMON,
                  "--max_steps", "8", "--gradient_accumulation_steps", "1", "--output_dir", str(out),
@@ -216,6 +219,16 @@ def _phi3(root: Path) -> Path:
         )  # fmt: skip
         AutoModelForCausalLM.from_config(config).save_pretrained(path)
         tokenizer.save_pretrained(path)
+    return path
+
+
+def _adapter(root: Path, model_dir: Path) -> Path:
+    path = root / "adapter"
+    if not path.exists():
+        from peft import LoraConfig, get_peft_model
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        get_peft_model(model, LoraConfig(r=2, target_modules="all-linear")).save_pretrained(path)
     return path
 
 
