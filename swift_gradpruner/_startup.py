@@ -8,12 +8,9 @@ start-up of that child. This module does nothing unless the process is ``swift/c
 ``--gradprune*`` flag is present; then it moves those flags out of ``sys.argv`` and arranges for
 ``swift.pipelines.train.sft.sft_main`` to be wrapped when swift imports it. Everything else (the
 version check, flag validation, the run itself) happens in ``swift_gradpruner.swift.entry``. It
-imports only ``sys`` and ``importlib`` so that unrelated processes pay nothing.
+imports only ``sys`` at module level so that unrelated processes pay (almost) nothing.
 """
 
-import contextlib
-import importlib.abc
-import importlib.machinery
 import sys
 
 SWIFT_SFT_SCRIPT = "swift/cli/sft.py"
@@ -27,6 +24,8 @@ def install() -> None:
         return
     if not sys.argv[0].replace("\\", "/").endswith(SWIFT_SFT_SCRIPT):
         return
+    import contextlib
+
     from .swift.args import is_gradprune_token, split_argv
 
     if not any(is_gradprune_token(token) for token in sys.argv[1:]):
@@ -38,12 +37,15 @@ def install() -> None:
     sys.meta_path.insert(0, _PatchSftMain())
 
 
-class _PatchSftMain(importlib.abc.MetaPathFinder):
-    """When swift imports its sft pipeline module, replace its ``sft_main`` with GradPruner's."""
+class _PatchSftMain:
+    """A sys.meta_path finder: when swift imports its sft pipeline module, it replaces that module's
+    ``sft_main`` with GradPruner's."""
 
     def find_spec(self, fullname, path, target=None):
         if fullname != TARGET_MODULE:
             return None
+        import importlib.machinery
+
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None:
             return spec

@@ -17,7 +17,7 @@ import logging
 
 from transformers import TrainerCallback
 
-from ..capture import lora_pairs, read_lora_grads
+from ..capture import GradReader, local_grad, lora_pairs, read_lora_grads
 from ..importance import IGIAAccumulator
 from ..zero import full_grad_reader
 
@@ -39,6 +39,7 @@ class IGIACaptureCallback(TrainerCallback):
         self.accumulate = accumulate
         self.captured = 0
         self.total_steps = None
+        self.pairs = []
         self._restore = None
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -73,10 +74,10 @@ class IGIACaptureCallback(TrainerCallback):
             f"for {self.steps} of {state.max_steps} optimizer steps"
         )
 
-    def _capture(self, reader=None) -> None:
+    def _capture(self, reader: GradReader = local_grad) -> None:
         if self.captured >= self.steps:
             return
-        grads = read_lora_grads(self.pairs) if reader is None else read_lora_grads(self.pairs, reader)
+        grads = read_lora_grads(self.pairs, reader)
         self.captured += 1
         if self.accumulate and not self.accumulator.update(grads):
             logger.warning(f"GradPruner: optimizer step {self.captured} had NaN/inf LoRA gradients; skipped")
