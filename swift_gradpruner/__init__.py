@@ -22,6 +22,7 @@ _EXPORTS = {
     "prune_model": "prune",
     "save_pruned": "prune",
     "PruneResult": "prune",
+    "time_inference": "inference_timing",
     "gradprune_sft_main": "swift.entry",
 }
 

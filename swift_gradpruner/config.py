@@ -82,6 +82,12 @@ class GradPruneConfig:
         8,
     )
     lora_alpha: int = _help("Phase-1 LoRA alpha when the run itself is not LoRA. Authors' code: 32.", 32)
+    benchmark: bool = _help(
+        "Time inference of the dense and the pruned model side by side after pruning (prefill of 128 "
+        "tokens, greedy generation of 32, on the GPU when there is one) and put the speed-ups in the "
+        "report. Not part of the paper; turn off for a model too slow to run on CPU.",
+        True,
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -112,6 +118,8 @@ class GradPruneConfig:
             _fail("steps", self.steps, "must be an integer >= 1")
         if not (_is_real(self.step_ratio) and 0 < self.step_ratio < 1):
             _fail("step_ratio", self.step_ratio, "must be in (0, 1), e.g. 0.01")
+        if not isinstance(self.benchmark, bool):
+            _fail("benchmark", self.benchmark, "must be true or false")
         for name in ("lora_rank", "lora_alpha"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:

@@ -34,6 +34,7 @@ def test_defaults_are_the_papers():
         ),
         (dict(score="l1"), "gradprune score='l1' is invalid: must be one of squared, norm"),
         (dict(lora_rank=0), "gradprune lora_rank=0 is invalid"),
+        (dict(benchmark="yes"), "gradprune benchmark='yes' is invalid: must be true or false"),
     ],
 )
 def test_bad_values_raise_one_line_errors(kwargs, message):

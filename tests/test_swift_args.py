@@ -42,6 +42,7 @@ def test_split_errors(argv, message):
         ({"gradprune_steps": "1.5"}, "--gradprune_steps '1.5' is not a valid int, e.g. --gradprune_steps 40"),
         ({"gradprune_prune_ratio": "lots"}, "--gradprune_prune_ratio 'lots' is not a valid float"),
         ({"gradprune_topp": "2"}, "gradprune topp=2.0 is invalid: must be in (0, 1]"),
+        ({"gradprune_benchmark": "fast"}, "--gradprune_benchmark 'fast' is not true or false"),
     ],
 )
 def test_parse_errors_name_the_flag(raw, message):
@@ -54,6 +55,7 @@ def test_values_from_yaml_strings():
     # `swift sft x.yaml` turns `gradprune_steps: null` into the string "None" and booleans into "True".
     enabled, config = parse_gradprune({"gradprune": "True", "gradprune_steps": "None", "gradprune_prune_ratio": "0.3"})
     assert enabled and config.steps is None and config.prune_ratio == 0.3
+    assert parse_gradprune({"gradprune": "True", "gradprune_benchmark": "False"})[1].benchmark is False
     assert parse_gradprune({"gradprune": "false"})[0] is False
 
 

@@ -60,6 +60,11 @@ def test_lora_run_end_to_end(tiny, tmp_path):
     assert report["steps"] == {"used": 4, "skipped_nonfinite": 0, "zero": 1}  # LoRA B = 0 at the first step
     assert report["phase1"]["steps_captured"] == 4 and report["phase1"]["total_steps"] == 10
     assert "[GradPruner] removed 2 of 6 layers" in proc.output
+    timing = report["inference_benchmark"]  # dense and pruned timed side by side; no speed asserted
+    assert (timing["device"], timing["dtype"]) == ("cpu", "float32")
+    assert timing["dense"]["new_tokens"] == timing["pruned"]["new_tokens"] == 32
+    assert timing["generate_speedup"] == pytest.approx(timing["dense"]["generate_ms"] / timing["pruned"]["generate_ms"])
+    assert "generation" in proc.output.split("[GradPruner] removed 2 of 6 layers")[1].splitlines()[0]
 
     # Capture correctness: 4 optimizer steps of 2 micro-batches each were recorded independently.
     steps = [torch.load(p) for p in sorted(record.glob("step*.pt"))]
@@ -113,7 +118,7 @@ def test_full_run_from_yaml_then_rerun_and_resume(tiny, tmp_path):
         "report_to": "none", "tuner_type": "full", "learning_rate": 1e-4, "max_steps": 8, "save_steps": 4,
         "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "logging_steps": 1,
         "output_dir": str(out), "gradprune": True, "gradprune_prune_ratio": 0.3, "gradprune_merge_layers": 1,
-        "gradprune_steps": 3, "gradprune_merge_mode": "fisher",
+        "gradprune_steps": 3, "gradprune_merge_mode": "fisher", "gradprune_benchmark": False,
     }  # fmt: skip
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(config))
@@ -123,6 +128,7 @@ def test_full_run_from_yaml_then_rerun_and_resume(tiny, tmp_path):
     removed = report["num_layers_before"] - report["num_layers_after"]
     assert removed >= 2 and len(report["merged_layers"]) == 1
     assert report["config"]["merge_mode"] == "fisher" and report["phase1"]["lora_rank"] == 8  # GradPruner's
+    assert "inference_benchmark" not in report
     checkpoint = first / "checkpoint-8"
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     assert model.config.num_hidden_layers == 6 - removed

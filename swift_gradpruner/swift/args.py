@@ -74,12 +74,15 @@ def flag_help() -> list[tuple[str, str, str]]:
     """(flag, default, help) of every GradPruner flag, for the README and ``gradprune flags``."""
     rows = [(FLAG, "false", "Turn GradPruner on for this swift sft run.")]
     for f in fields(GradPruneConfig):
-        rows.append((f"{FLAG}_{f.name}", str(f.default), f.metadata["help"]))
+        default = str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
+        rows.append((f"{FLAG}_{f.name}", default, f.metadata["help"]))
     return rows
 
 
 def _convert(key: str, text: str, annotation) -> object:
     kinds = _kinds(annotation)
+    if bool in kinds:
+        return _to_bool(key, text)
     if text.strip().lower() in {"none", "null", ""} and type(None) in kinds:
         return None
     for kind in (int, float, str):

@@ -192,7 +192,9 @@ def phase1_settings(args) -> dict[str, str]:
 
 
 def config_hash(args, config: GradPruneConfig) -> str:
-    blob = json.dumps({"gradprune": config.to_dict(), "swift": phase1_settings(args)}, sort_keys=True)
+    options = config.to_dict()
+    del options["benchmark"]  # measures the result, does not shape it
+    blob = json.dumps({"gradprune": options, "swift": phase1_settings(args)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -278,12 +280,17 @@ def prune_checkpoint(model_dir: str, accumulator: IGIAAccumulator, config: GradP
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..inference_timing import compare, time_on_device
     from ..prune import prune_model, save_pruned
 
     with _zero3_init_off():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map="cpu")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    dense = time_on_device(model, device) if config.benchmark else None
     result = prune_model(model, accumulator, config, device=device, extra=extra)
+    if dense is not None:
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        result.report["inference_benchmark"] = compare(dense, time_on_device(model, device), device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     save_pruned(model, result, out_dir, tokenizer=tokenizer, overwrite=True, extra_files={"args.json": swift_args})
 
@@ -338,11 +345,18 @@ def drop_flags(argv: list[str], flags: set[str]) -> list[str]:
 def summary(report: dict[str, Any]) -> str:
     merged = ", ".join(f"{k}->{v}" for k, v in report["merged_layers"].items()) or "none"
     before, after = report["num_layers_before"], report["num_layers_after"]
-    return (
+    text = (
         f"removed {before - after} of {before} layers (dropped {report['dropped_layers']}, merged {merged}); "
         f"parameters {report['params_before']:,} -> {report['params_after']:,} "
         f"(-{report['params_removed_fraction']:.1%})"
     )
+    timing = report.get("inference_benchmark", {})
+    if "prefill_speedup" in timing:
+        text += (
+            f"; inference on {timing['device']}: prefill {timing['prefill_speedup']:.2f}x, "
+            f"generation {timing['generate_speedup']:.2f}x faster than dense"
+        )
+    return text
 
 
 def _phase1_pipeline_class():
