@@ -75,7 +75,9 @@ def run_demo(root: str | Path = "gradprune_demo") -> int:
         return code
     run_dir = max((root / "output").glob("v*"), key=lambda p: p.stat().st_mtime)
     checkpoint = max(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    pruned = run_dir / "gradprune" / "model"
+    # The base the phase-2 checkpoint was trained on: this run's gradprune/model, or, when the demo
+    # is run again, the identical pruned model of the earlier run, which swift sft reused.
+    pruned = _relative(Path(json.loads((checkpoint / "args.json").read_text())["model"]))
     questions = root / "questions.jsonl"
     questions.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n" for q in QUESTIONS))
     answers = run_dir / "demo_answers.jsonl"
@@ -104,3 +106,11 @@ def run_demo(root: str | Path = "gradprune_demo") -> int:
         row = json.loads(line)
         print(f"  Q: {row['messages'][0]['content']!r}  A: {row['response']!r}")
     return 0
+
+
+def _relative(path: Path) -> Path:
+    """``path`` relative to the working directory when it lies below it (shorter to print)."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path

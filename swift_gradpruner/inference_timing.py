@@ -3,8 +3,8 @@
 The report's benchmark: the same random prompt runs through the dense model (before surgery) and
 the pruned model (after), on the same device, in the same dtype: one prefill (a forward pass over
 the prompt) and one greedy generation of a fixed number of new tokens with the KV cache. Each is
-timed ``repeats`` times after a warm-up and the median is kept; the ratios dense / pruned say how
-much faster the pruned model is (> 1 = faster).
+timed at least ``repeats`` times (more for very fast models) after a warm-up and the median is
+kept; the ratios dense / pruned say how much faster the pruned model is (> 1 = faster).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ BATCH = 1
 PROMPT_TOKENS = 128
 NEW_TOKENS = 32
 REPEATS = 3
+MIN_SECONDS = 1.0
+MAX_REPEATS = 50
 
 
 @dataclass(frozen=True)
@@ -119,11 +121,13 @@ def time_on_device(model: nn.Module, device: torch.device | str) -> InferenceTim
 
 
 def _median_ms(call: Callable[[], None], device: torch.device | str, repeats: int) -> float:
+    """Median of at least ``repeats`` timed calls; calls of a few milliseconds (small models) are
+    repeated until MIN_SECONDS have passed (at most MAX_REPEATS), so the median is not noise."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     call()  # warm-up: kernels, allocator, caches
     sync()
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < repeats or (sum(times) < MIN_SECONDS * 1000 and len(times) < MAX_REPEATS):
         start = time.perf_counter()
         call()
         sync()

@@ -14,11 +14,8 @@ from swift_gradpruner.demo import offline_env
 pytestmark = pytest.mark.slow
 
 
-def test_demo_end_to_end(tmp_path):
-    gradprune = Path(sys.executable).with_name("gradprune")
-    proc = subprocess.run([str(gradprune), "demo", "--dir", "demo"], cwd=tmp_path, env=offline_env(),
-                          capture_output=True, text=True, timeout=1200)  # fmt: skip
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+def test_demo_end_to_end_and_again(tmp_path):
+    proc = _demo(tmp_path)
     root = tmp_path / "demo"
     assert yaml.safe_load((root / "tiny_cpu.yaml").read_text())["gradprune"] is True
     (run,) = (root / "output").glob("v*")
@@ -33,3 +30,19 @@ def test_demo_end_to_end(tmp_path):
     assert len(answers) == 3 and all(isinstance(a["response"], str) for a in answers)
     assert f"pruned model     : {pruned.relative_to(tmp_path)}" in proc.stdout
     assert "A: " in proc.stdout
+    assert "speed-up on cpu: prefill" in proc.stdout
+
+    # The README command run a second time: phase 1 is reused, phase 2 runs again in a new folder.
+    again = _demo(tmp_path)
+    second = max((root / "output").glob("v*"), key=lambda p: p.name)
+    assert second != run and not (second / "gradprune").exists()
+    assert (second / "checkpoint-150" / "adapter_model.safetensors").is_file()
+    assert f"pruned model     : {pruned.relative_to(tmp_path)}" in again.stdout
+
+
+def _demo(cwd: Path) -> subprocess.CompletedProcess:
+    gradprune = Path(sys.executable).with_name("gradprune")
+    proc = subprocess.run([str(gradprune), "demo", "--dir", "demo"], cwd=cwd, env=offline_env(),
+                          capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return proc
