@@ -107,7 +107,7 @@ def _to_bool(key: str, text: str) -> bool:
         return True
     if lowered in FALSE:
         return False
-    raise GradPruneConfigError(f"--{key} {text!r} is not true or false")
+    raise GradPruneConfigError(f"--{key} {text!r} is not true or false: write --{key} true or --{key} false")
 
 
 def _example(key: str) -> str:
