@@ -60,8 +60,9 @@ def time_inference(
     ids = torch.randint(config.vocab_size, (batch, prompt_tokens), generator=torch.Generator().manual_seed(seed))
     ids = ids.to(device)
     mask = torch.ones_like(ids)
-    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-    pad = model.generation_config.pad_token_id if model.generation_config is not None else None
+    defaults = model.generation_config
+    eos = defaults.eos_token_id if defaults is not None else None
+    pad = defaults.pad_token_id if defaults is not None else None
     greedy = GenerationConfig(
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
         eos_token_id=eos, pad_token_id=pad if pad is not None else (eos if isinstance(eos, int) else 0),

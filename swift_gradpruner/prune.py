@@ -13,6 +13,7 @@ from torch import nn
 from . import __version__
 from .config import GradPruneConfig
 from .importance import IGIAAccumulator, layer_scores
+from .inference_timing import compare, time_on_device
 from .report import PLOT_NAME, REPORT_NAME, plot_layer_scores, write_json
 from .selection import LayerPlan, layers_to_remove, plan_layers
 from .surgery import (
@@ -40,8 +41,9 @@ def prune_model(
 ) -> PruneResult:
     """Prune ``model`` in place from the captured gradients and describe what was done.
 
-    ``device`` is where IGIA matrices are rebuilt and merged (default: CPU). ``extra`` is copied
-    into the report (e.g. the phase-1 settings of a swift run).
+    ``device`` is where IGIA matrices are rebuilt and merged (default: CPU) and, with
+    ``config.benchmark``, where the dense and the pruned model are timed (default: the model's own
+    device). ``extra`` is copied into the report (e.g. the phase-1 settings of a swift run).
     """
     per_layer, total_before = parameter_counts(model)
     remove = layers_to_remove(config, per_layer, total_before)
@@ -49,6 +51,8 @@ def prune_model(
     scores, outside = layer_scores(linear, len(per_layer), LAYERS_PREFIX)
     plan = plan_layers(scores, remove, config.merge_layers)
     captured = set(accumulator.linear_names)
+    timing_device = device if device is not None else next(model.parameters()).device
+    dense = time_on_device(model, timing_device) if config.benchmark else None
 
     def igia(name: str) -> torch.Tensor | None:
         return accumulator.igia(name, device) if name in captured else None
@@ -56,6 +60,11 @@ def prune_model(
     fractions = merge_removed_layers(model, plan, igia, config)
     remove_layers(model, plan.removed)
     _, total_after = parameter_counts(model)
+    timing = {}
+    if dense is not None:
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        pruned = time_on_device(model, timing_device)
+        timing["inference_benchmark"] = compare(dense, pruned, torch.device(timing_device).type, dtype)
     report = {
         "gradprune_version": __version__,
         "model_type": model.config.model_type,
@@ -75,6 +84,7 @@ def prune_model(
         "params_after": total_after,
         "params_removed_fraction": 1 - total_after / total_before,
         "factor_store_bytes": accumulator.factor_bytes,
+        **timing,
         **(extra or {}),
     }
     return PruneResult(plan=plan, report=report)

@@ -280,17 +280,12 @@ def prune_checkpoint(model_dir: str, accumulator: IGIAAccumulator, config: GradP
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..inference_timing import compare, time_on_device
     from ..prune import prune_model, save_pruned
 
     with _zero3_init_off():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map="cpu")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dense = time_on_device(model, device) if config.benchmark else None
     result = prune_model(model, accumulator, config, device=device, extra=extra)
-    if dense is not None:
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        result.report["inference_benchmark"] = compare(dense, time_on_device(model, device), device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     save_pruned(model, result, out_dir, tokenizer=tokenizer, overwrite=True, extra_files={"args.json": swift_args})
 
