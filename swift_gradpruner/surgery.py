@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -121,6 +122,33 @@ def remove_layers(model: nn.Module, removed: Sequence[int]) -> None:
                 module.layer_idx = new_index
     if hasattr(model.model, "has_sliding_layers"):
         model.model.has_sliding_layers = "sliding_attention" in model.config.layer_types
+
+
+@contextmanager
+def layers_view(model: nn.Module, kept: Sequence[int]) -> Iterator[nn.Module]:
+    """Run ``model`` as if only the decoder layers ``kept`` existed, without changing its weights.
+
+    For removal-damage measurements: the layer list and the per-layer config entries are swapped
+    for the view and restored afterwards (``layer_idx`` is left alone, so use no KV cache inside).
+    """
+    layers = decoder_layers(model)
+    config = model.config
+    saved = {
+        k: getattr(config, k) for k in ("num_hidden_layers", "layer_types", "max_window_layers") if hasattr(config, k)
+    }
+    sliding = getattr(model.model, "has_sliding_layers", None)
+    _prune_config(config, list(kept))
+    model.model.layers = nn.ModuleList(layers[j] for j in kept)
+    if sliding is not None:
+        model.model.has_sliding_layers = "sliding_attention" in config.layer_types
+    try:
+        yield model
+    finally:
+        model.model.layers = layers
+        for key, value in saved.items():
+            setattr(config, key, value)
+        if sliding is not None:
+            model.model.has_sliding_layers = sliding
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:

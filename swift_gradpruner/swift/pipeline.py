@@ -21,6 +21,7 @@ import gc
 import hashlib
 import json
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from ..report import REPORT_NAME, read_report
 from ..selection import layers_to_remove
 from ..surgery import LAYERS_PREFIX, check_supported, parameter_counts
 from .callback import IGIACaptureCallback
+from .holdout import encode_batches, first_rows, hold_out
 
 GRADPRUNE_DIR = "gradprune"
 MODEL_DIR = "model"
@@ -108,6 +110,11 @@ def preflight(args, config: GradPruneConfig) -> None:
             f"--fsdp {args.fsdp} is not supported with --gradprune yet (FSDP shards the LoRA gradients and "
             "GradPruner reads them through DeepSpeed's API): use --deepspeed zero2 or zero3"
         )
+    if config.needs_calibration and args.streaming:
+        raise GradPruneConfigError(
+            f"--gradprune_score {config.score} runs the model on calibration rows, which a --streaming dataset "
+            "cannot provide before training; use --streaming false or --gradprune_score squared"
+        )
     if args.adapters:
         raise GradPruneConfigError(
             "--adapters cannot be combined with --gradprune: adapters trained on the dense model do not fit "
@@ -122,7 +129,8 @@ def preflight(args, config: GradPruneConfig) -> None:
     with torch.device("meta"):
         meta = MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)](model_config)
     per_layer, total = parameter_counts(meta)
-    layers_to_remove(config, per_layer, total)
+    layers_to_remove(replace(config, prune_layers=None, merge_layers=0) if config.prune_layers == "auto" else config,
+                     per_layer, total)  # fmt: skip
     check_lora_targets(args, meta)
     total_steps = args.max_steps if args.max_steps and args.max_steps > 0 else None
     if total_steps is None and config.steps is not None:
@@ -257,6 +265,7 @@ def run_phase1_and_prune(argv: list[str], args, config: GradPruneConfig, key: st
         "source_model": args.model_dir,
         "swift_settings": phase1_settings(args),
     }
+    held_out = {"guard": phase1.guard, "calibration": phase1.calibration}
     del phase1, capture
     gc.collect()
     if torch.cuda.is_available():
@@ -264,7 +273,7 @@ def run_phase1_and_prune(argv: list[str], args, config: GradPruneConfig, key: st
     if is_master():
         swift_args = {"swift_version": swift_version(), "model": str(pruned_dir), "model_type": args.model_type,
                       "template": args.template, "task_type": "causal_lm", "tuner_type": "full"}  # fmt: skip
-        prune_checkpoint(args.model_dir, accumulator, config, pruned_dir, phase1_info, swift_args)
+        prune_checkpoint(args.model_dir, accumulator, config, pruned_dir, phase1_info, swift_args, **held_out)
     del accumulator
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -272,11 +281,15 @@ def run_phase1_and_prune(argv: list[str], args, config: GradPruneConfig, key: st
 
 
 def prune_checkpoint(model_dir: str, accumulator: IGIAAccumulator, config: GradPruneConfig, out_dir: Path,
-                     extra: dict[str, Any], swift_args: dict[str, Any]) -> None:  # fmt: skip
-    """Load the base checkpoint on CPU in its own dtype, prune and merge it, save it with its report.
+                     extra: dict[str, Any], swift_args: dict[str, Any],
+                     guard=None, calibration=None) -> None:  # fmt: skip
+    """Load the base checkpoint in its own dtype, prune and merge it, save it with its report.
 
-    ``swift_args`` becomes the checkpoint's args.json, from which ``swift infer --model`` and
-    ``swift export`` take model_type and template (``swift sft`` ignores it: load_args is off there).
+    The model runs on the GPU when there is one and it fits (forward passes of the guard and the
+    criteria, the merge, the timing), else on the CPU. ``swift_args`` becomes the checkpoint's
+    args.json, from which ``swift infer --model`` and ``swift export`` take model_type and template
+    (``swift sft`` ignores it: load_args is off there). ``guard`` and ``calibration`` are encoded
+    batches of held-out and of training rows (holdout.py).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -285,9 +298,26 @@ def prune_checkpoint(model_dir: str, accumulator: IGIAAccumulator, config: GradP
     with _zero3_init_off():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map="cpu")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = prune_model(model, accumulator, config, device=device, extra=extra)
+    model = _onto(model, device)
+    result = prune_model(model, accumulator, config, calibration=calibration, guard=guard, device=device, extra=extra)
+    if result.guard is not None and not result.guard.ok:
+        from swift.utils import get_logger
+
+        get_logger().warning(f"[GradPruner] WARNING: {result.guard.message(len(result.plan.removed))}")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     save_pruned(model, result, out_dir, tokenizer=tokenizer, overwrite=True, extra_files={"args.json": swift_args})
+
+
+def _onto(model, device: str):
+    """``model`` on ``device`` if it fits there, else where it is."""
+    if device == "cpu":
+        return model
+    try:
+        return model.to(device)
+    except torch.OutOfMemoryError:
+        model.to("cpu")
+        torch.cuda.empty_cache()
+        return model
 
 
 @contextmanager
@@ -345,6 +375,13 @@ def summary(report: dict[str, Any]) -> str:
         f"parameters {report['params_before']:,} -> {report['params_after']:,} "
         f"(-{report['params_removed_fraction']:.1%})"
     )
+    guard = report.get("quality_guard")
+    if guard:
+        verdict = "" if guard["ok"] else f", OVER the +{guard['threshold']:.0%} threshold"
+        text += (
+            f"; loss on {guard['rows']} held-out rows {guard['dense_loss']:.3f} dense -> {guard['pruned_loss']:.3f} "
+            f"pruned ({guard['increase']:+.0%}{verdict})"
+        )
     timing = report.get("inference_benchmark", {})
     if "prefill_speedup" in timing:
         text += (
@@ -364,11 +401,36 @@ def _phase1_pipeline_class():
             self.gradprune_config = config
             self.accumulator = accumulator
             self.capture = None
+            self.held_out = None
+            self.train_rows = None
+            self.guard: list | None = None
+            self.calibration: list | None = None
             super().__init__(args)
+
+        def _get_dataset(self):
+            from swift.utils import get_logger
+
+            train, val = super()._get_dataset()
+            rows = self.gradprune_config.guard_rows
+            train, self.held_out = hold_out(train, rows, self.args.data_seed)
+            self.train_rows = train
+            if rows and self.held_out is None:
+                get_logger().warning(
+                    f"[GradPruner] quality guard off: it needs an in-memory training set of at least {4 * rows} rows "
+                    "(not streaming) to hold out --gradprune_guard_rows of them"
+                )
+            return train, val
 
         def train(self, trainer):
             from swift.utils import is_master
 
+            if is_master():
+                batch = self.args.per_device_train_batch_size
+                if self.held_out is not None:
+                    self.guard = encode_batches(self.template, list(self.held_out), batch)
+                if self.gradprune_config.needs_calibration:
+                    rows = first_rows(self.train_rows, self.gradprune_config.calibration_rows, self.args.data_seed)
+                    self.calibration = encode_batches(self.template, rows, batch)
             self.capture = IGIACaptureCallback(
                 trainer, self.gradprune_config.phase1_steps, self.accumulator, accumulate=is_master()
             )

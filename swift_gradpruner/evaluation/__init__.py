@@ -1,0 +1,1 @@
+"""Accuracy evaluation: a real model offline, real multiple-choice tasks, and ``gradprune eval``."""

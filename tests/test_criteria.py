@@ -1,0 +1,115 @@
+"""The removal criteria against brute-force references, and the product path with each of them."""
+
+import pytest
+import torch
+
+import reference
+from conftest import random_lora_grads
+from swift_gradpruner import criteria
+from swift_gradpruner.config import REMOVAL_CRITERIA, GradPruneConfig
+from swift_gradpruner.importance import IGIAAccumulator
+from swift_gradpruner.prune import prune_model
+from swift_gradpruner.surgery import layers_view
+from swift_gradpruner.tiny import build_model
+
+NUM_LAYERS = 6
+
+
+def model_factory(arch="llama"):
+    return lambda: build_model(arch, num_layers=NUM_LAYERS, vocab_size=128, seed=3).eval()
+
+
+def calibration(seed=0, rows=4, width=12):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (rows, width), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # right padding on one row
+    mask[3, 6:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100  # the "prompt" is not scored
+    return [{"input_ids": ids, "attention_mask": mask, "labels": labels}]
+
+
+def test_mean_loss_equals_full_logits():
+    model = model_factory()()
+    batches = calibration()
+    assert criteria.mean_loss(model, batches) == pytest.approx(reference.answer_loss(model, batches), rel=1e-5)
+
+
+def test_layers_view_equals_removal_and_restores():
+    model = model_factory()()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with layers_view(model, [0, 2, 5]):
+        viewed = criteria.mean_loss(model, calibration())
+        assert model.config.num_hidden_layers == 3
+    assert model.config.num_hidden_layers == NUM_LAYERS and len(model.model.layers) == NUM_LAYERS
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    removed = model_factory()()
+    from swift_gradpruner.surgery import remove_layers
+
+    remove_layers(removed, [1, 3, 4])
+    assert viewed == pytest.approx(reference.answer_loss(removed, calibration()), rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_skip_loss_first_round_is_the_brute_force_minimum(arch):
+    factory = model_factory(arch)
+    batches = calibration()
+    losses = reference.skip_loss_first(factory, batches)
+    order = criteria.skip_loss_order(factory(), batches, 3)
+    assert order[0][0] == min(range(NUM_LAYERS), key=lambda j: losses[j])
+    assert order[0][1] == pytest.approx(min(losses), rel=1e-5)
+    # Later rounds: the loss reported equals the model with all removed-so-far layers deleted.
+    from swift_gradpruner.surgery import remove_layers
+
+    model = factory()
+    remove_layers(model, [j for j, _ in order])
+    assert order[-1][1] == pytest.approx(reference.answer_loss(model, batches), rel=1e-5)
+    assert len({j for j, _ in order}) == 3
+
+
+def test_block_influence_and_angular_match_references():
+    model = model_factory()()
+    batches = calibration()
+    assert criteria.block_influence(model, batches) == pytest.approx(
+        reference.block_influence(model, batches), abs=1e-5
+    )
+    for size in (1, 3):
+        start, distances = criteria.angular_block(model, batches, size)
+        expected = reference.angular_distances(model, batches, size)
+        assert distances == pytest.approx(expected, abs=1e-5)
+        assert start == min(range(len(expected)), key=lambda s: (expected[s], -s))
+
+
+def test_last_and_random_layers():
+    assert criteria.last_layers(30, 6) == [23, 24, 25, 26, 27, 28]
+    picked = criteria.random_layers(30, 12, seed=1)
+    assert len(set(picked)) == 12 and picked == criteria.random_layers(30, 12, seed=1)
+    with pytest.raises(ValueError):
+        criteria.last_layers(6, 5)
+
+
+@pytest.mark.parametrize("score", ["squared", "norm", *REMOVAL_CRITERIA])
+@pytest.mark.parametrize("merge", [0, 1])
+def test_every_criterion_removes_exactly_n_through_prune_model(score, merge):
+    model = model_factory()()
+    accumulator = IGIAAccumulator()
+    for grads in random_lora_grads(model, steps=2):
+        accumulator.update(grads)
+    config = GradPruneConfig(prune_layers=3, merge_layers=merge, score=score, benchmark=False)
+    result = prune_model(model, accumulator, config, calibration=calibration())
+    assert len(result.plan.removed) == 3
+    # A removed block at the start has nothing to merge into: the shortfall is reported.
+    assert len(result.plan.merged) + result.report["merge_shortfall"] == merge
+    assert model.config.num_hidden_layers == NUM_LAYERS - 3
+    assert result.report["criterion"]["name"] == score
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+
+
+def test_criteria_without_calibration_or_gradients_fail_clearly():
+    model = model_factory()()
+    with pytest.raises(ValueError, match="calibration"):
+        prune_model(model, None, GradPruneConfig(prune_layers=2, merge_layers=0, score="skip_loss", benchmark=False))
+    with pytest.raises(ValueError, match="IGIA gradients"):
+        prune_model(model, None, GradPruneConfig(prune_layers=2, merge_layers=1, score="last", benchmark=False))

