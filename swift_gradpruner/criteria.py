@@ -106,27 +106,26 @@ def _layer_inputs(model: nn.Module, batch: Batch, kept: Sequence[int]) -> dict[i
 
 @torch.inference_mode()
 def skip_loss_order(
-    model: nn.Module, batches: Sequence[Batch], count: int, protect: Iterable[int] = ()
+    model: nn.Module, batches: Sequence[Batch], count: int, start: Sequence[tuple[int, float]] = ()
 ) -> list[tuple[int, float]]:
-    """Greedy removal order by damage: ``count`` rounds, each removing the layer whose removal gives
-    the lowest loss on ``batches``. Returns (layer, loss after removing it and all before it)."""
+    """Greedy removal order by damage: each round removes the layer whose removal gives the lowest
+    loss on ``batches``, until ``count`` layers are removed. Returns (layer, loss after removing it
+    and all before it). ``start``, an order this function returned for the same model and batches,
+    is continued rather than recomputed (greedy: the first k rounds do not depend on ``count``)."""
     layers = decoder_layers(model)
-    protected = set(protect)
-    kept = list(range(len(layers)))
-    if count > len([j for j in kept if j not in protected]):
-        raise ValueError(f"cannot remove {count} of {len(kept)} layers with {sorted(protected)} protected")
+    order = list(start[:count])
+    kept = [j for j in range(len(layers)) if j not in {j for j, _ in order}]
+    if not 0 <= count < len(layers):
+        raise ValueError(f"cannot remove {count} of {len(layers)} layers")
     backbone, head = backbone_and_head(model)
     device = head.weight.device
     was_training = model.training
     model.eval()
-    order: list[tuple[int, float]] = []
     try:
-        for _ in range(count):
+        for _ in range(count - len(order)):
             inputs = [_layer_inputs(model, batch, kept) for batch in batches]
             best: tuple[float, int] | None = None
             for pos, j in enumerate(kept):
-                if j in protected:
-                    continue
                 after = kept[pos + 1 :]
                 total, tokens = 0.0, 0
                 with layers_view(model, after):
@@ -213,7 +212,7 @@ def removed_layers(
         raise ValueError(f"the {criterion} criterion needs calibration batches of training rows")
     if criterion == "skip_loss":
         if len(cache.get("skip_loss", ())) < count:
-            cache["skip_loss"] = skip_loss_order(model, calibration, count)
+            cache["skip_loss"] = skip_loss_order(model, calibration, count, cache.get("skip_loss", ()))
         order = cache["skip_loss"][:count]
         return [j for j, _ in order], {"loss_after_removal": [v for _, v in order]}
     if criterion == "block_influence":

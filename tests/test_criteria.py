@@ -66,6 +66,9 @@ def test_skip_loss_first_round_is_the_brute_force_minimum(arch):
     remove_layers(model, [j for j, _ in order])
     assert order[-1][1] == pytest.approx(reference.answer_loss(model, batches), rel=1e-5)
     assert len({j for j, _ in order}) == 3
+    # A shorter order is the start of a longer one, and continuing it gives the longer one.
+    assert criteria.skip_loss_order(factory(), batches, 2) == order[:2]
+    assert criteria.skip_loss_order(factory(), batches, 3, order[:1]) == order
 
 
 def test_block_influence_and_angular_match_references():

@@ -168,3 +168,11 @@ def test_cli_rejects_bad_input_in_one_line(tmp_path, capsys):
     assert main(["eval", "--output", str(tmp_path), "--model", str(tmp_path / "none")]) == 2
     assert "not a model folder" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_guard_rows_are_held_out_of_training():
+    data = harness.TaskData.load("arc_challenge", ["val"], harness.Sizes(train_rows=200, guard_rows=32))
+    assert len(data.guard) == 32 and len(data.train) == 119 - 32  # a small task gives up training rows
+    assert not {i.contexts for i in data.guard} & {i.contexts for i in data.train}
+    data = harness.TaskData.load("piqa", ["val", "test"], harness.Sizes(train_rows=50, eval_items=10, guard_rows=8))
+    assert (len(data.train), len(data.guard), len(data.splits["test"])) == (50, 8, 10)

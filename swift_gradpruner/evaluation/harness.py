@@ -307,7 +307,8 @@ def run_eval(
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
 
     identity = {"model": str(model_dir.resolve()), "model_config": _file_hash(model_dir / "config.json")}
-    plan = [(t, m, 0 if not m.pruned else b) for t in tasks for m in methods for b in (budgets if m.pruned else [0])]
+    # Method by method (each over every task), so a sweep stopped early has whole rows of the table.
+    plan = [(t, m, b) for m in methods for b in (budgets if m.pruned else [0]) for t in tasks]
     found: dict[tuple[str, str, int], dict[str, Any]] = {}
     todo = []
     for task, method, budget in plan:
@@ -323,10 +324,11 @@ def run_eval(
             todo.append((task, method, budget))
     bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="gradprune eval", unit="cell",
                disable=not show_progress, dynamic_ncols=True)  # fmt: skip
-    cache: TaskCache | None = None
+    caches: dict[str, TaskCache] = {}
     for task, method, budget in todo:
-        if cache is None or cache.data.name != task:  # one task's probe and measurements at a time
-            cache = TaskCache(TaskData.load(task, splits, sizes), load, tokenizer, recipe, sizes)
+        if task not in caches:
+            caches[task] = TaskCache(TaskData.load(task, splits, sizes), load, tokenizer, recipe, sizes)
+        cache = caches[task]
 
         def stage(name: str, task=task, method=method, budget=budget) -> None:
             bar.set_postfix_str(f"{task} {method.spec} n={budget}: {name}")
