@@ -43,10 +43,10 @@ class GradPruneConfig:
         None,
     )
     prune_ratio: float | None = _help(
-        "Fraction of ALL model parameters (embeddings and lm_head included in the denominator) to "
-        "remove by deleting whole layers; the layer count whose removal comes closest is used. "
-        f"Used when prune_layers is unset; default {DEFAULT_PRUNE_RATIO} (the paper's headline "
-        "'40% of parameters'; its 13-of-32 Llama-3.1-8B setting is 35% of all parameters).",
+        "Fraction of the decoder-layer parameters to remove by deleting whole layers (the layer count "
+        "that comes closest; embeddings and LM head are not counted, as in the paper). Used when "
+        f"prune_layers is unset or auto (then as its ceiling); default {DEFAULT_PRUNE_RATIO}: the paper's "
+        "'40%', 13 of Llama-3.1-8B's 32 layers, 12 of SmolLM2's 30.",
         None,
     )
     merge_layers: int = _help(

@@ -117,6 +117,7 @@ def prune_model(
         "params_before": total_before,
         "params_after": total_after,
         "params_removed_fraction": 1 - total_after / total_before,
+        "decoder_params_removed_fraction": sum(per_layer[j] for j in plan.removed) / sum(per_layer),
         "factor_store_bytes": accumulator.factor_bytes,
         **timing,
         **({"quality_guard": guard_report.to_dict()} if guard_report else {}),

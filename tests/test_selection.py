@@ -45,32 +45,62 @@ def test_count_from_prune_layers_and_from_ratio():
     layer = [100] * 8
     total = 1000  # 200 in embeddings
     assert layers_to_remove(GradPruneConfig(prune_layers=3, merge_layers=1), layer, total) == 3
-    # 0.4 * 1000 = 400 -> exactly 4 layers; 0.35 -> 3.5 -> tie -> 3 (fewer); 0.36 -> 4.
-    assert layers_to_remove(GradPruneConfig(prune_ratio=0.4, merge_layers=1), layer, total) == 4
-    assert layers_to_remove(GradPruneConfig(prune_ratio=0.35, merge_layers=1), layer, total) == 3
-    assert layers_to_remove(GradPruneConfig(prune_ratio=0.36, merge_layers=1), layer, total) == 4
-    # Default: 40% of all parameters.
-    assert layers_to_remove(GradPruneConfig(merge_layers=1), layer, total) == 4
+    # Of the 800 decoder-layer parameters: 0.4 -> 3.2 -> 3 layers; 0.4375 -> 3.5 -> tie -> 3 (fewer); 0.45 -> 4.
+    assert layers_to_remove(GradPruneConfig(prune_ratio=0.4, merge_layers=1), layer, total) == 3
+    assert layers_to_remove(GradPruneConfig(prune_ratio=0.4375, merge_layers=1), layer, total) == 3
+    assert layers_to_remove(GradPruneConfig(prune_ratio=0.45, merge_layers=1), layer, total) == 4
+    # Default: 40% of the decoder-layer parameters.
+    assert layers_to_remove(GradPruneConfig(merge_layers=1), layer, total) == 3
 
 
 def test_paper_setting_on_llama_3_1_8b_shapes():
     # Llama-3.1-8B: 32 layers of 218,112,000 parameters, 2 x 525,336,576 in embeddings + lm_head,
-    # 262,144 in the final norm... 13 layers is 35% of all parameters, 40.6% of the layers'.
+    # 262,144 in the final norm... 13 layers is 35% of all parameters, 40.6% of the layers': the paper's "40%".
     layer = [218_112_000] * 32
     total = 8_030_261_248
     assert layers_to_remove(GradPruneConfig(prune_layers=13), layer, total) == 13
-    assert layers_to_remove(GradPruneConfig(prune_ratio=0.35), layer, total) == 13
+    assert layers_to_remove(GradPruneConfig(prune_ratio=0.4), layer, total) == 13
 
 
 @pytest.mark.parametrize(
     "config, match",
     [
         (dict(prune_layers=8), "prune_layers=8 is invalid: the model has 8 decoder layers"),
-        (dict(prune_ratio=0.01), "prune_ratio=0.01 is invalid for this model: one decoder layer is 10.0%"),
-        (dict(prune_ratio=0.95), "would remove 9 of its 8 decoder layers"),
+        (dict(prune_ratio=0.01), "prune_ratio=0.01 is invalid for this model: one of its 8 decoder layers is 12.5%"),
+        (dict(prune_ratio=0.95), "would remove 8 of its 8 decoder layers"),
         (dict(prune_ratio=0.2, merge_layers=3), "merge_layers=3 is invalid: only 2 layers are removed"),
     ],
 )
 def test_model_dependent_errors(config, match):
     with pytest.raises(GradPruneConfigError, match=match):
         layers_to_remove(GradPruneConfig(**config), [100] * 8, 1000)
+
+
+# (hidden, intermediate, layers, heads, kv heads, vocab, tied): the released configs' shapes.
+REAL_SHAPES = {
+    "llama-3.1-8b": ("llama", 4096, 14336, 32, 32, 8, 128256, False, 13),
+    "mistral-7b-v0.3": ("mistral", 4096, 14336, 32, 32, 8, 32768, False, 13),
+    "qwen2.5-7b": ("qwen2", 3584, 18944, 28, 28, 4, 152064, False, 11),
+    "smollm2-135m (tied)": ("llama", 576, 1536, 30, 9, 3, 49152, True, 12),
+}
+
+
+@pytest.mark.parametrize("name", list(REAL_SHAPES))
+def test_prune_ratio_is_a_share_of_the_decoder_layer_parameters(name):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from swift_gradpruner.surgery import parameter_counts
+
+    arch, hidden, ffn, layers, heads, kv, vocab, tied, expected = REAL_SHAPES[name]
+    config = AutoConfig.for_model(arch, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                                  num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                                  tie_word_embeddings=tied)  # fmt: skip
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    per_layer, total = parameter_counts(model)
+    count = layers_to_remove(GradPruneConfig(prune_ratio=0.4), per_layer, total)
+    assert count == expected  # the paper: 13 of Llama-3.1-8B's 32 layers is its "40%"
+    share = count * per_layer[0] / sum(per_layer)
+    assert abs(share - 0.4) <= 0.5 / layers + 1e-9
+    assert count * per_layer[0] / total < share  # of all parameters it is less: embeddings stay

@@ -373,7 +373,8 @@ def summary(report: dict[str, Any]) -> str:
     text = (
         f"removed {before - after} of {before} layers (dropped {report['dropped_layers']}, merged {merged}); "
         f"parameters {report['params_before']:,} -> {report['params_after']:,} "
-        f"(-{report['params_removed_fraction']:.1%})"
+        f"(-{report['params_removed_fraction']:.1%} of all, -{report['decoder_params_removed_fraction']:.1%} of the "
+        "decoder layers)"
     )
     guard = report.get("quality_guard")
     if guard:
