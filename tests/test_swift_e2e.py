@@ -60,6 +60,10 @@ def test_lora_run_end_to_end(tiny, tmp_path):
     assert report["steps"] == {"used": 4, "skipped_nonfinite": 0, "zero": 1}  # LoRA B = 0 at the first step
     assert report["phase1"]["steps_captured"] == 4 and report["phase1"]["total_steps"] == 10
     assert "[GradPruner] removed 2 of 6 layers" in proc.output
+    guard = report["quality_guard"]  # 32 of the 256 rows were held out of phase 1 and measured
+    assert guard["rows"] == 32 and guard["dense_loss"] > 0 and set(guard["losses"]) == {"2"}
+    assert guard["increase"] == pytest.approx(guard["pruned_loss"] / guard["dense_loss"] - 1)
+    assert "loss on 32 held-out rows" in proc.output
     timing = report["inference_benchmark"]  # dense and pruned timed side by side; no speed asserted
     assert (timing["device"], timing["dtype"]) == ("cpu", "float32")
     assert timing["dense"]["new_tokens"] == timing["pruned"]["new_tokens"] == 32
@@ -157,6 +161,37 @@ def test_full_run_from_yaml_then_rerun_and_resume(tiny, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted([first.name, second.name])
 
 
+def test_auto_layer_count_with_the_skip_loss_criterion(tiny, tmp_path):
+    """prune_layers=auto: the largest count (up to prune_ratio's) within the guard's threshold, chosen
+    by the removal-damage criterion on calibration rows; a tight threshold warns and still trains."""
+    common = ["sft", "--model", str(tiny["llama"]), "--model_type", "llama", "--dataset", str(tiny["data"]), *COMMON,
+              "--max_steps", "6", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+              "--save_steps", "6", "--gradprune", "true", "--gradprune_steps", "2", "--gradprune_benchmark", "false",
+              "--gradprune_score", "skip_loss", "--gradprune_calibration_rows", "8"]  # fmt: skip
+    out = tmp_path / "auto"
+    auto = [
+        "--gradprune_prune_layers",
+        "auto",
+        "--gradprune_prune_ratio",
+        "0.5",
+        "--gradprune_max_loss_increase",
+        "1e3",
+    ]
+    proc = check(swift(*common, "--output_dir", str(out), *auto, cwd=tmp_path))
+    report = report_of(out)
+    assert report["num_layers_before"] - report["num_layers_after"] == 3  # the ceiling: 50% of 6 layers
+    assert report["criterion"]["name"] == "skip_loss" and len(report["criterion"]["loss_after_removal"]) == 3
+    assert report["quality_guard"]["ok"] and "[GradPruner] WARNING" not in proc.output
+
+    out = tmp_path / "tight"
+    tight = ["--gradprune_prune_layers", "4", "--gradprune_merge_layers", "0", "--gradprune_max_loss_increase", "0"]
+    proc = check(swift(*common, "--output_dir", str(out), *tight, cwd=tmp_path))
+    guard = report_of(out)["quality_guard"]
+    if not guard["ok"]:  # a random tiny model may even gain from removal; then nothing is to warn about
+        assert "[GradPruner] WARNING: pruned-model loss on 32 held-out training rows" in proc.output
+    assert (run_dir(out) / "checkpoint-6").is_dir()
+
+
 def test_without_gradprune_swift_is_unchanged(tiny, tmp_path):
     """No flag: the start-up hook never engages; --gradprune false: swift's own run, the same losses."""
     runs = {}
@@ -183,6 +218,8 @@ BAD_INPUTS = [
     (["--target_modules", "foo_proj"], "LoRA target modules 'foo_proj' match no linear layer"),
     (["--gradprune_prune_layer", "2"], "unknown flag --gradprune_prune_layer; valid GradPruner flags"),
     (["--gradprune_topp", "abc"], "--gradprune_topp 'abc' is not a valid float"),
+    (["--gradprune_prune_layers", "most"], "gradprune prune_layers='most' is invalid: must be an integer >= 1 or auto"),
+    (["--gradprune_score", "skip_loss", "--streaming", "true"], "a --streaming dataset cannot provide"),
     (["--gradprune_merge_mode", "sum"], "gradprune merge_mode='sum' is invalid: must be one of add, average, fisher"),
     (["--fsdp", "fsdp2"], "is not supported with --gradprune yet (FSDP shards the LoRA gradients"),
     (["--adapters", "@adapter"], "--adapters cannot be combined with --gradprune: adapters trained on the dense model"),
