@@ -76,7 +76,8 @@ def _add_eval_parser(commands) -> None:
                     "same recovery and keep it in OUTPUT/cells unreported, for a later --split test run")  # fmt: skip
     ev.add_argument("--output", required=True, help="results folder (cells/, results.json, results.md, PNGs)")
     ev.add_argument("--train-rows", type=int, default=256)
-    ev.add_argument("--eval-items", type=int, default=100)
+    ev.add_argument("--eval-items", type=int, default=100, help="val items per task (default: %(default)s)")
+    ev.add_argument("--test-items", type=int, default=200, help="test items per task (default: %(default)s)")
     ev.add_argument("--calibration-rows", type=int, default=16)
     ev.add_argument("--epochs", type=float, default=1.0, help="recovery fine-tune epochs; 0 = score the pruned "
                     "models only (default: %(default)s)")  # fmt: skip
@@ -98,8 +99,8 @@ def _run_eval(args) -> int:
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}; available: {', '.join(TASKS)}")
         budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
-        if args.epochs < 0 or args.train_rows < 1 or args.eval_items < 1:
-            raise ValueError("--epochs must be >= 0 and --train-rows, --eval-items >= 1")
+        if args.epochs < 0 or min(args.train_rows, args.eval_items, args.test_items) < 1:
+            raise ValueError("--epochs must be >= 0 and --train-rows, --eval-items, --test-items >= 1")
         if not budgets or min(budgets) < 1:
             raise ValueError(f"--budgets {args.budgets!r} must be layer counts >= 1, e.g. 6,12")
         methods = [parse_method(m) for m in args.methods]
@@ -114,7 +115,8 @@ def _run_eval(args) -> int:
     except (ValueError, KeyError, OSError, ModuleNotFoundError) as error:
         print(f"gradprune eval: error: {error}", file=sys.stderr)
         return 2
-    sizes = Sizes(train_rows=args.train_rows, eval_items=args.eval_items, calibration_rows=args.calibration_rows)
+    sizes = Sizes(train_rows=args.train_rows, eval_items=args.eval_items, test_items=args.test_items,
+                  calibration_rows=args.calibration_rows)  # fmt: skip
     recipe = Recipe(epochs=args.epochs, learning_rate=args.lr, seed=args.seed, max_length=args.max_length)
     sealed = [s for s in args.sealed if s != args.split]
     cells = run_eval(model, tasks, budgets, methods, args.output, split=args.split, sealed=sealed, sizes=sizes,

@@ -106,7 +106,7 @@ def test_eval_smoke_run_resumes(tiny_dir, tmp_path, monkeypatch):
     from swift_gradpruner.evaluation.summary import write_outputs
 
     methods = [harness.parse_method(m) for m in ("dense", "igia:steps=2", "skip_loss", "random:seed=1")]
-    sizes = harness.Sizes(train_rows=8, eval_items=8, calibration_rows=4, guard_rows=4)
+    sizes = harness.Sizes(train_rows=8, eval_items=8, test_items=8, calibration_rows=4, guard_rows=4)
     recipe = Recipe(batch_size=4, max_length=96)
     out = tmp_path / "eval"
     cells = harness.run_eval(tiny_dir, ["arc_easy", "winogrande"], [2], methods, out, sizes=sizes, recipe=recipe,
@@ -174,5 +174,5 @@ def test_guard_rows_are_held_out_of_training():
     data = harness.TaskData.load("arc_challenge", ["val"], harness.Sizes(train_rows=200, guard_rows=32))
     assert len(data.guard) == 32 and len(data.train) == 119 - 32  # a small task gives up training rows
     assert not {i.contexts for i in data.guard} & {i.contexts for i in data.train}
-    data = harness.TaskData.load("piqa", ["val", "test"], harness.Sizes(train_rows=50, eval_items=10, guard_rows=8))
-    assert (len(data.train), len(data.guard), len(data.splits["test"])) == (50, 8, 10)
+    data = harness.TaskData.load("piqa", ["val", "test"], harness.Sizes(train_rows=50, eval_items=10, test_items=12, guard_rows=8))
+    assert (len(data.train), len(data.guard), len(data.splits["val"]), len(data.splits["test"])) == (50, 8, 10, 12)

@@ -112,7 +112,9 @@ class Sizes:
     train_rows: int = 256
     """Training rows per task (recovery fine-tune, phase-1 probe, calibration)."""
     eval_items: int = 100
-    """Items of the evaluated split per task."""
+    """Items of the val split per task."""
+    test_items: int = 200
+    """Items of the test split per task (more: it is read once, for the final table)."""
     calibration_rows: int = 16
     guard_rows: int = 32
     """Training rows held out of every fine-tune, for the quality guard's loss (as in a swift run)."""
@@ -131,7 +133,8 @@ class TaskData:
     def load(cls, task: str, splits: Sequence[str], sizes: Sizes) -> TaskData:
         rows = load_task(task, "train", sizes.train_rows + sizes.guard_rows)
         train = min(sizes.train_rows, len(rows) - sizes.guard_rows)
-        evaluated = {name: load_task(task, name, sizes.eval_items) for name in splits}
+        evaluated = {name: load_task(task, name, sizes.test_items if name == "test" else sizes.eval_items)
+                     for name in splits}  # fmt: skip
         return cls(task, rows[:train], evaluated, rows[train : train + sizes.guard_rows])
 
     @property

@@ -43,7 +43,7 @@ def markdown(cells: Sequence[dict[str, Any]], split: str) -> str:
     lines = [
         f"# gradprune eval: {Path(first['model']).name}, {first['num_layers']} layers, split `{split}`",
         "",
-        f"Items per task: {first['sizes']['eval_items']} (or all of the split); recovery fine-tune: LoRA "
+        f"Items per task: {first['before']['items']} (or all of the split); recovery fine-tune: LoRA "
         f"r={first['recipe']['lora_rank']}, lr {first['recipe']['learning_rate']}, {first['recipe']['epochs']} "
         f"epoch(s) over {first['sizes']['train_rows']} training rows per task; device {first['device']}.",
         "Metric per task: " + ", ".join(f"{t} {m}" for t, m in metric_of.items()) + " (lm-eval conventions), in %.",
