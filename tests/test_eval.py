@@ -174,5 +174,7 @@ def test_guard_rows_are_held_out_of_training():
     data = harness.TaskData.load("arc_challenge", ["val"], harness.Sizes(train_rows=200, guard_rows=32))
     assert len(data.guard) == 32 and len(data.train) == 119 - 32  # a small task gives up training rows
     assert not {i.contexts for i in data.guard} & {i.contexts for i in data.train}
-    data = harness.TaskData.load("piqa", ["val", "test"], harness.Sizes(train_rows=50, eval_items=10, test_items=12, guard_rows=8))
+    data = harness.TaskData.load(
+        "piqa", ["val", "test"], harness.Sizes(train_rows=50, eval_items=10, test_items=12, guard_rows=8)
+    )
     assert (len(data.train), len(data.guard), len(data.splits["val"]), len(data.splits["test"])) == (50, 8, 10, 12)

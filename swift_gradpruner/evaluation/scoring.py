@@ -134,12 +134,14 @@ def loglikelihoods(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]]
 
     ``progress``, if given, is called with the number of pairs scored after each batch.
     """
+    # As lm-eval: the model reads at most its max_position_embeddings tokens; the context is cut from the left.
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or MAX_LENGTH
     encoded = []
     for context, continuation in pairs:
         ctx, cont = encode_pair(tokenizer, context, continuation)
         if not cont:
             raise ValueError(f"continuation {continuation!r} encodes to no token")
-        encoded.append((ctx[-(MAX_LENGTH - len(cont)) :], cont))
+        encoded.append((ctx[max(0, len(ctx) + len(cont) - limit - 1) :], cont))
     groups, where = group_pairs(encoded)
     order = sorted(range(len(groups)), key=lambda g: -groups[g].width)
     scores: list[list[float]] = [[] for _ in groups]
