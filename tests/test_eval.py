@@ -103,6 +103,7 @@ def tiny_dir(tmp_path_factory, tokenizer):
 
 
 def test_eval_smoke_run_resumes(tiny_dir, tmp_path, monkeypatch):
+    from swift_gradpruner.evaluation import summary
     from swift_gradpruner.evaluation.summary import write_outputs
 
     methods = [harness.parse_method(m) for m in ("dense", "igia:steps=2", "skip_loss", "random:seed=1")]
@@ -143,6 +144,8 @@ def test_eval_smoke_run_resumes(tiny_dir, tmp_path, monkeypatch):
                               recipe=recipe, show_progress=False)  # fmt: skip
     assert [c["split"] for c in tested] == ["test"] * 8
     assert [c.get("removed") for c in tested] == [c.get("removed") for c in cells]
+    assert all(c["before"] is None and c["after"]["items"] == 8 for c in tested)  # "before" is scored on val only
+    assert "| igia:steps=2 | 2 |" in summary.markdown(tested, "test")
     with pytest.raises(AssertionError, match="run again"):
         harness.run_eval(tiny_dir, ["arc_easy"], [2], methods[:1], out, sizes=sizes, recipe=Recipe(batch_size=2),
                          show_progress=False)  # fmt: skip

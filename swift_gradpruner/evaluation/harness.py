@@ -194,10 +194,11 @@ def guard_batches(tokenizer, items: Sequence[Item], recipe: Recipe) -> list[dict
     return [collate(encoded[i : i + size], pad) for i in range(0, len(encoded), size)]
 
 
-def measure(model, cache: TaskCache) -> dict[str, dict[str, float]]:
-    """acc, acc_norm and the answer loss of ``model`` on every evaluated split."""
+def measure(model, cache: TaskCache, splits: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    """acc, acc_norm and the answer loss of ``model`` on ``splits`` (default: every evaluated split)."""
     out = {}
-    for split, items in cache.data.splits.items():
+    for split in splits or cache.data.splits:
+        items = cache.data.splits[split]
         scores = score_items(model, cache.tokenizer, items)
         out[split] = {"acc": scores.acc, "acc_norm": scores.acc_norm, "loss": mean_loss(model, cache.guards[split]),
                       "items": scores.items}  # fmt: skip
@@ -232,6 +233,7 @@ def prune_for(method: Method, budget: int, model, cache: TaskCache) -> dict[str,
 def run_cell(method: Method, budget: int, cache: TaskCache, stage: Callable[[str], None]) -> dict[str, Any]:
     """Prune, score, recover, score again. Scores are per split: {"before": {split: ...}, "after": ...}.
 
+    "before" is scored on the reported split only (a sealed split is for the final table's "after").
     With ``recipe.epochs == 0`` there is no recovery and "after" repeats "before"."""
     timings: dict[str, float] = {}
 
@@ -259,7 +261,8 @@ def run_cell(method: Method, budget: int, cache: TaskCache, stage: Callable[[str
             "pruned_loss": loss,
             "increase": loss / dense - 1,
         }
-    cell["before"] = timed("score before", lambda: measure(model, cache))
+    reported = next(iter(cache.data.splits))
+    cell["before"] = timed("score before", lambda: measure(model, cache, [reported]))
     if cache.recipe.epochs > 0:
         model = timed("recovery", lambda: lora_finetune(model, cache.tokenizer, cache.data.examples, cache.recipe))
         cell["after"] = timed("score after", lambda: measure(model, cache))
@@ -341,7 +344,7 @@ def run_eval(
         shared = {k: v for k, v in cell.items() if k not in ("before", "after")}
         for name in splits:
             settings = _settings(identity, task, name, method, budget, sizes, recipe)
-            record = {**shared, **settings, "before": cell["before"][name], "after": cell["after"][name],
+            record = {**shared, **settings, "before": cell["before"].get(name), "after": cell["after"][name],
                       "key": cell_key(settings), "total_seconds": round(time.perf_counter() - start, 1),
                       "versions": _versions(), "device": device, "metric": TASKS[task].metric}  # fmt: skip
             _write(_cell_path(output, task, method, budget, name), record)

@@ -21,6 +21,8 @@ def table(cells: Sequence[dict[str, Any]], when: str) -> tuple[list[str], list[t
     tasks = list(dict.fromkeys(c["task"] for c in cells))
     grouped: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
     for cell in cells:
+        if cell[when] is None:  # "before" of a split that was sealed during a val sweep
+            continue
         grouped[(cell["method"], cell["budget"])][cell["task"]] = primary(cell, when)
     dense = next((v for (m, _), v in grouped.items() if m == "dense"), {})
     rows = []
@@ -43,7 +45,7 @@ def markdown(cells: Sequence[dict[str, Any]], split: str) -> str:
     lines = [
         f"# gradprune eval: {Path(first['model']).name}, {first['num_layers']} layers, split `{split}`",
         "",
-        f"Items per task: {first['before']['items']} (or all of the split); recovery fine-tune: LoRA "
+        f"Items per task: {first['after']['items']} (or all of the split); recovery fine-tune: LoRA "
         f"r={first['recipe']['lora_rank']}, lr {first['recipe']['learning_rate']}, {first['recipe']['epochs']} "
         f"epoch(s) over {first['sizes']['train_rows']} training rows per task; device {first['device']}.",
         "Metric per task: " + ", ".join(f"{t} {m}" for t, m in metric_of.items()) + " (lm-eval conventions), in %.",
@@ -63,11 +65,12 @@ def markdown(cells: Sequence[dict[str, Any]], split: str) -> str:
               "| method | removed | before recovery | after recovery |", "|---|---|---|---|"]  # fmt: skip
     losses: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
     for cell in cells:
-        losses[(cell["method"], cell["budget"])].append((cell["before"]["loss"], cell["after"]["loss"]))
+        before = cell["before"]["loss"] if cell["before"] else float("nan")
+        losses[(cell["method"], cell["budget"])].append((before, cell["after"]["loss"]))
     for (method, budget), pairs in sorted(losses.items(), key=lambda kv: (kv[0][1], kv[0][0] != "dense")):
         before = sum(p[0] for p in pairs) / len(pairs)
         after = sum(p[1] for p in pairs) / len(pairs)
-        lines.append(f"| {method} | {budget} | {before:.3f} | {after:.3f} |")
+        lines.append(f"| {method} | {budget} | {before:.3f} | {after:.3f} |".replace("nan", "-"))
     lines += ["", "## Layers removed", "", "| task | method | removed | merged (layer -> into) |", "|---|---|---|---|"]
     for cell in cells:
         if cell["budget"]:
@@ -107,7 +110,9 @@ def plot(cells: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     before = {(m, b): row["avg"] for m, b, row in before_rows}
     fig, ax = plt.subplots(figsize=(max(6.4, 0.55 * len(labels)), 4.0), dpi=110)
     xs = range(len(labels))
-    ax.bar([x - 0.2 for x in xs], [before[(m, b)] for m, b, _ in after_rows], width=0.4, label="before recovery")
+    ax.bar(
+        [x - 0.2 for x in xs], [before.get((m, b), 0.0) for m, b, _ in after_rows], width=0.4, label="before recovery"
+    )
     ax.bar([x + 0.2 for x in xs], [row["avg"] for _, _, row in after_rows], width=0.4, label="after recovery")
     ax.set_xticks(list(xs), labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("average accuracy (%)")
