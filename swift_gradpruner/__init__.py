@@ -18,7 +18,7 @@ _EXPORTS = {
     "topp_mask": "merge",
     "remove_layers": "surgery",
     "save_checkpoint": "surgery",
-    "UnsupportedModelError": "surgery",
+    "UnsupportedModelError": "architecture",
     "prune_model": "prune",
     "save_pruned": "prune",
     "PruneResult": "prune",

@@ -23,7 +23,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from .surgery import decoder_layers, layers_view
+from .architecture import decoder_layers
+from .surgery import layers_view
 
 Batch = dict[str, torch.Tensor]
 

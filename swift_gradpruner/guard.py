@@ -19,10 +19,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .architecture import decoder_layers
 from .config import GradPruneConfig, GradPruneConfigError
 from .criteria import Batch, mean_loss
+from .merge import merge_removed_layers
 from .selection import LayerPlan
-from .surgery import decoder_layers, layers_view, merge_removed_layers
+from .surgery import layers_view
 
 
 class GuardError(GradPruneConfigError):

@@ -18,11 +18,14 @@ elements: ``add`` sums them, ``average`` and ``fisher`` weight every participati
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 
-from .config import MERGE_MODES
+from .architecture import LAYERS_PREFIX, decoder_layers, linears
+from .config import MERGE_MODES, GradPruneConfig
+from .selection import LayerPlan
 
 
 def topp_mask(importance: torch.Tensor, topp: float) -> torch.Tensor:
@@ -85,3 +88,43 @@ def merge_linear(
     # Where nothing was merged and (fisher) F_r is zero, the weights are all zero: keep W_r.
     merged = torch.where(denominator > 0, numerator / denominator, base)
     return merged.to(retained.dtype), fractions
+
+
+def merge_removed_layers(
+    model: nn.Module,
+    plan: LayerPlan,
+    igia: Callable[[str], torch.Tensor | None],
+    config: GradPruneConfig,
+) -> dict[int, dict[str, float]]:
+    """Merge each layer of ``plan.merged`` into its retained layer, linear by linear (Eq. 5).
+
+    ``igia(name)`` returns the IGIA matrix F of the linear ``name`` (e.g.
+    ``model.layers.3.mlp.up_proj``), or None where no LoRA gradient was captured; such linears are
+    not merged. Returns, per merged layer, the fraction of each linear's elements that were merged.
+    """
+    layers = decoder_layers(model)
+    fractions: dict[int, dict[str, float]] = {source: {} for source in plan.merged}
+    targets: dict[int, list[int]] = {}
+    for source, target in plan.merged.items():
+        targets.setdefault(target, []).append(source)
+    for target, sources in sorted(targets.items()):
+        for suffix, linear in linears(layers[target]).items():
+            own = igia(f"{LAYERS_PREFIX}{target}.{suffix}") if config.merge_mode == "fisher" else None
+            if config.merge_mode == "fisher" and own is None:
+                continue
+            pairs, merged_from = [], []
+            for source in sources:
+                importance = igia(f"{LAYERS_PREFIX}{source}.{suffix}")
+                if importance is not None:
+                    pairs.append((linears(layers[source])[suffix].weight, importance))
+                    merged_from.append(source)
+            if not pairs:
+                continue
+            merged, shares = merge_linear(
+                linear.weight, pairs, topp=config.topp, mode=config.merge_mode, retained_importance=own
+            )
+            with torch.no_grad():
+                linear.weight.copy_(merged)
+            for source, share in zip(merged_from, shares):
+                fractions[source][suffix] = share
+    return fractions

@@ -12,20 +12,16 @@ import torch
 from torch import nn
 
 from . import __version__
+from .architecture import LAYERS_PREFIX, parameter_counts
 from .config import IGIA_SCORES, GradPruneConfig
 from .criteria import Batch, mean_loss, removed_layers
 from .guard import GuardError, GuardReport, largest_within, loss_with_plan
 from .importance import IGIAAccumulator, layer_scores
 from .inference_timing import compare, time_on_device
+from .merge import merge_removed_layers
 from .report import PLOT_NAME, REPORT_NAME, plot_layer_scores, write_json
 from .selection import LayerPlan, layers_to_remove, plan_layers, plan_removal
-from .surgery import (
-    LAYERS_PREFIX,
-    merge_removed_layers,
-    parameter_counts,
-    remove_layers,
-    save_checkpoint,
-)
+from .surgery import remove_layers, save_checkpoint
 
 
 @dataclass

@@ -17,94 +17,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from .config import GradPruneConfig, GradPruneConfigError
-from .merge import merge_linear
-from .selection import LayerPlan
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-LAYERS_PREFIX = "model.layers."
-"""Module path of the decoder layers in every supported architecture."""
-
-
-class UnsupportedModelError(GradPruneConfigError):
-    """The model's architecture is not one GradPruner knows how to prune."""
-
-
-def check_supported(config) -> None:
-    """Fail early, naming the supported architectures, for any other model type."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"GradPruner does not support model_type {model_type!r}; supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (decoder layers at model.model.layers)"
-        )
-    quantization = getattr(config, "quantization_config", None)
-    if quantization is not None:
-        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
-        raise UnsupportedModelError(
-            f"GradPruner cannot prune a pre-quantised checkpoint (config.json has quantization_config: "
-            f"{method}): merging adds weights element by element and needs float weights; prune the "
-            "unquantised checkpoint and quantise while training with --quant_method bnb --quant_bits 4 "
-            "(phase 1 then trains QLoRA and the merge reads the float weights from disk)"
-        )
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    check_supported(model.config)
-    return model.model.layers
-
-
-def parameter_counts(model: nn.Module) -> tuple[list[int], int]:
-    """Parameters of each decoder layer and of the whole model (tied weights counted once).
-
-    Works on a model built on the meta device, so it can run before any weight is loaded.
-    """
-    layers = decoder_layers(model)
-    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
-    return per_layer, sum(p.numel() for p in model.parameters())
-
-
-def merge_removed_layers(
-    model: nn.Module,
-    plan: LayerPlan,
-    igia: Callable[[str], torch.Tensor | None],
-    config: GradPruneConfig,
-) -> dict[int, dict[str, float]]:
-    """Merge each layer of ``plan.merged`` into its retained layer, linear by linear (Eq. 5).
-
-    ``igia(name)`` returns the IGIA matrix F of the linear ``name`` (e.g.
-    ``model.layers.3.mlp.up_proj``), or None where no LoRA gradient was captured; such linears are
-    not merged. Returns, per merged layer, the fraction of each linear's elements that were merged.
-    """
-    layers = decoder_layers(model)
-    fractions: dict[int, dict[str, float]] = {source: {} for source in plan.merged}
-    targets: dict[int, list[int]] = {}
-    for source, target in plan.merged.items():
-        targets.setdefault(target, []).append(source)
-    for target, sources in sorted(targets.items()):
-        for suffix, linear in _linears(layers[target]).items():
-            own = igia(f"{LAYERS_PREFIX}{target}.{suffix}") if config.merge_mode == "fisher" else None
-            if config.merge_mode == "fisher" and own is None:
-                continue
-            pairs, merged_from = [], []
-            for source in sources:
-                importance = igia(f"{LAYERS_PREFIX}{source}.{suffix}")
-                if importance is not None:
-                    pairs.append((_linears(layers[source])[suffix].weight, importance))
-                    merged_from.append(source)
-            if not pairs:
-                continue
-            merged, shares = merge_linear(
-                linear.weight, pairs, topp=config.topp, mode=config.merge_mode, retained_importance=own
-            )
-            with torch.no_grad():
-                linear.weight.copy_(merged)
-            for source, share in zip(merged_from, shares):
-                fractions[source][suffix] = share
-    return fractions
+from .architecture import decoder_layers
 
 
 def remove_layers(model: nn.Module, removed: Sequence[int]) -> None:
@@ -194,10 +109,6 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
 def _prune_config(config, kept: list[int]) -> None:

@@ -10,9 +10,10 @@ from conftest import random_lora_grads
 from swift_gradpruner.config import GradPruneConfig, GradPruneConfigError
 from swift_gradpruner.guard import GuardError, largest_within, loss_with_plan
 from swift_gradpruner.importance import IGIAAccumulator
+from swift_gradpruner.merge import merge_removed_layers
 from swift_gradpruner.prune import prune_model
 from swift_gradpruner.selection import plan_layers
-from swift_gradpruner.surgery import merge_removed_layers, remove_layers
+from swift_gradpruner.surgery import remove_layers
 from swift_gradpruner.swift.holdout import first_rows, hold_out
 from swift_gradpruner.tiny import build_model
 

@@ -90,7 +90,7 @@ def test_prune_ratio_is_a_share_of_the_decoder_layer_parameters(name):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from swift_gradpruner.surgery import parameter_counts
+    from swift_gradpruner.architecture import parameter_counts
 
     arch, hidden, ffn, layers, heads, kv, vocab, tied, expected = REAL_SHAPES[name]
     config = AutoConfig.for_model(arch, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,

@@ -6,11 +6,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import reference
 from conftest import random_lora_grads
+from swift_gradpruner.architecture import UnsupportedModelError
 from swift_gradpruner.config import GradPruneConfig
 from swift_gradpruner.importance import IGIAAccumulator
 from swift_gradpruner.prune import prune_model, save_pruned
 from swift_gradpruner.report import PLOT_NAME, REPORT_NAME, read_report
-from swift_gradpruner.surgery import UnsupportedModelError, remove_layers, save_checkpoint
+from swift_gradpruner.surgery import remove_layers, save_checkpoint
 from swift_gradpruner.tiny import ARCHITECTURES, build_model
 
 # Layer j's gradients are scaled by LAYER_SCALE[j]: layers 3, 1, 5 score lowest (in that order),

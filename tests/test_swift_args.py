@@ -7,7 +7,7 @@ import pytest
 
 from swift_gradpruner.config import GradPruneConfig, GradPruneConfigError
 from swift_gradpruner.swift.args import flag_help, parse_gradprune, split_argv
-from swift_gradpruner.swift.pipeline import drop_flags
+from swift_gradpruner.swift.phases import drop_flags
 
 
 def test_split_takes_out_only_gradprune_flags_in_every_form():

@@ -26,10 +26,11 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..architecture import parameter_counts
 from ..config import IGIA_SCORES, GradPruneConfig
 from ..criteria import mean_loss, random_layers
 from ..importance import IGIAAccumulator
-from ..surgery import parameter_counts, remove_layers
+from ..surgery import remove_layers
 from .finetune import Recipe, batches, collate, encode_examples, lora_finetune
 from .scoring import score_items
 from .tasks import TASKS, Item, load_task

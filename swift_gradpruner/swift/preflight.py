@@ -1,0 +1,128 @@
+"""Everything about a ``swift sft --gradprune`` run that can be checked before a model is loaded."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..architecture import LAYERS_PREFIX, check_supported, parameter_counts
+from ..config import GradPruneConfig, GradPruneConfigError
+from ..selection import layers_to_remove
+
+
+def parse_sft_args(argv: list[str]):
+    import os
+
+    from swift.arguments import SftArguments
+    from swift.utils import parse_args
+
+    # swift exports its logging dir with os.environ.setdefault; a second parse in this process
+    # would otherwise send the later phase's TensorBoard events into the first one's folder.
+    os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
+    args, remaining = parse_args(SftArguments, argv)
+    if remaining and not args.ignore_args_error:
+        raise ValueError(f"remaining_argv: {remaining}")
+    return args
+
+
+def preflight(args, config: GradPruneConfig) -> None:
+    """Every check that needs no model weights, so bad input fails before anything is loaded."""
+    if args.task_type != "causal_lm":
+        raise GradPruneConfigError(
+            f"--task_type {args.task_type} is not supported: GradPruner prunes causal language models only"
+        )
+    if args.tuner_backend != "peft":
+        raise GradPruneConfigError(
+            f"--tuner_backend {args.tuner_backend} is not supported: GradPruner's phase 1 needs peft LoRA; "
+            "use --tuner_backend peft"
+        )
+    if args.fsdp:
+        raise GradPruneConfigError(
+            f"--fsdp {args.fsdp} is not supported with --gradprune yet (FSDP shards the LoRA gradients and "
+            "GradPruner reads them through DeepSpeed's API): use --deepspeed zero2 or zero3"
+        )
+    if config.needs_calibration and args.streaming:
+        raise GradPruneConfigError(
+            f"--gradprune_score {config.score} runs the model on calibration rows, which a --streaming dataset "
+            "cannot provide before training; use --streaming false or --gradprune_score squared"
+        )
+    if args.adapters:
+        raise GradPruneConfigError(
+            "--adapters cannot be combined with --gradprune: adapters trained on the dense model do not fit "
+            "the pruned one; merge them first (swift export --merge_lora true) and prune the merged model"
+        )
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_config = AutoConfig.from_pretrained(args.model_dir)
+    check_supported(model_config)
+    # The class itself, not from_config: under ZeRO-3 from_config would initialise through DeepSpeed.
+    with torch.device("meta"):
+        meta = MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)](model_config)
+    per_layer, total = parameter_counts(meta)
+    layers_to_remove(replace(config, prune_layers=None, merge_layers=0) if config.prune_layers == "auto" else config,
+                     per_layer, total)  # fmt: skip
+    check_lora_targets(args, meta)
+    total_steps = args.max_steps if args.max_steps and args.max_steps > 0 else None
+    if total_steps is None and config.steps is not None:
+        total_steps = estimate_total_steps(args)
+    if total_steps is not None:
+        config.phase1_steps(total_steps)
+
+
+def check_lora_targets(args, meta_model) -> None:
+    """Phase 1's LoRA must adapt at least one linear of a decoder layer."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets, regex = phase1_targets(args)
+    if regex is None and "all-linear" in targets:
+        return
+    lora = LoraConfig(target_modules=regex or [t for t in targets if t != "all-linear"])
+    linears = [n for n, m in meta_model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not any(n.startswith(LAYERS_PREFIX) and check_target_module_exists(lora, n) for n in linears):
+        shown = regex or " ".join(targets)
+        raise GradPruneConfigError(
+            f"LoRA target modules {shown!r} match no linear layer of the model's decoder layers; its linears "
+            f"are named {sorted({n.rsplit('.', 1)[-1] for n in linears})}; use --target_modules all-linear"
+        )
+
+
+def phase1_targets(args) -> tuple[list[str], str | None]:
+    if args.tuner_type == "lora":
+        targets = args.target_modules
+        return ([targets] if isinstance(targets, str) else list(targets)), args.target_regex
+    return ["all-linear"], None
+
+
+def estimate_total_steps(args) -> int:
+    """Optimizer steps of the run as the Trainer counts them, from the raw training set.
+
+    Each rank gets rows // world_size rows (swift's BatchSamplerShard), a rank's dataloader has
+    ceil(rows / batch) batches, an epoch ceil(batches / accumulation) steps. Rows that encoding
+    drops later (too long) make the real T smaller; the capture callback checks the real T again.
+    """
+    import math
+
+    train, _ = args.load_dataset()
+    batches = math.ceil(len(train) // world_size() / args.per_device_train_batch_size)
+    per_epoch = max(math.ceil(batches / args.training_args.gradient_accumulation_steps), 1)
+    return math.ceil(args.num_train_epochs * per_epoch)
+
+
+def world_size() -> int:
+    from swift.utils import get_dist_setting
+
+    return max(get_dist_setting()[2], 1)
+
+
+def remove_empty_output_dirs(args) -> None:
+    """Undo the (empty) output folders that parsing the arguments created, after a failed check."""
+    here = Path(args.output_dir)
+    for folder in (here, here.parent) if args.add_version else (here,):
+        try:
+            folder.rmdir()
+        except OSError:
+            break
