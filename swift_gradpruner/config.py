@@ -19,6 +19,8 @@ SCORE_KINDS = IGIA_SCORES + REMOVAL_CRITERIA
 MIN_STEPS = 10
 """Fewest phase-1 steps chosen from ``step_ratio`` (an explicit ``steps`` may be smaller)."""
 DEFAULT_PRUNE_RATIO = 0.4
+PAPER_MERGE_SHARE = 3 / 13
+"""The paper merges 3 of the 13 layers it removes from Llama-3.1-8B."""
 
 
 class GradPruneConfigError(ValueError):
@@ -49,11 +51,12 @@ class GradPruneConfig:
         "'40%', 13 of Llama-3.1-8B's 32 layers, 12 of SmolLM2's 30.",
         None,
     )
-    merge_layers: int = _help(
-        "Number K of the removed layers that are merged (Sec. 3.2) into the preceding retained "
-        "layer instead of being dropped: the K highest-scoring removed layers that have a retained "
-        "layer before them. Paper: 3 (of 13). 0 = prune only.",
-        3,
+    merge_layers: int | None = _help(
+        "Number K of the removed layers that are merged (Sec. 3.2) into the preceding retained layer "
+        "instead of being dropped: the K highest-IGIA-scoring removed layers that have a retained layer "
+        "before them. Default: the paper's share, 3 of every 13 removed (rounded: 3 at 12-13, 1 at 6). "
+        "0 = prune only.",
+        None,
     )
     topp: float = _help(
         "Fraction of each merged linear's weights kept, ranked by the IGIA matrix F (Sec. 3.2 "
@@ -129,9 +132,9 @@ class GradPruneConfig:
             _fail("max_loss_increase", self.max_loss_increase, "must be a number >= 0, e.g. 0.25")
         if self.prune_ratio is not None and not (_is_real(self.prune_ratio) and 0 < self.prune_ratio < 1):
             _fail("prune_ratio", self.prune_ratio, "must be in (0, 1), e.g. 0.4")
-        if not _is_int(self.merge_layers) or self.merge_layers < 0:
+        if self.merge_layers is not None and (not _is_int(self.merge_layers) or self.merge_layers < 0):
             _fail("merge_layers", self.merge_layers, "must be an integer >= 0")
-        if _is_int(self.prune_layers) and self.merge_layers > self.prune_layers:
+        if _is_int(self.prune_layers) and self.merge_layers is not None and self.merge_layers > self.prune_layers:
             _fail(
                 "merge_layers",
                 self.merge_layers,
@@ -155,6 +158,12 @@ class GradPruneConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 _fail(name, value, "must be an integer >= 1")
+
+    def merge_count(self, removed: int) -> int:
+        """K for ``removed`` layers: merge_layers, or the paper's 3-of-13 share when it is unset."""
+        if self.merge_layers is not None:
+            return min(self.merge_layers, removed)
+        return round(PAPER_MERGE_SHARE * removed)
 
     @property
     def needs_calibration(self) -> bool:

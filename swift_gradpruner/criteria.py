@@ -122,8 +122,12 @@ def skip_loss_order(
     device = head.weight.device
     was_training = model.training
     model.eval()
+    from tqdm import tqdm
+
+    rounds = tqdm(range(count - len(order)), desc="GradPruner skip-loss", unit="layer", leave=False,
+                  disable=count - len(order) < 2)  # fmt: skip
     try:
-        for _ in range(count - len(order)):
+        for _ in rounds:
             inputs = [_layer_inputs(model, batch, kept) for batch in batches]
             best: tuple[float, int] | None = None
             for pos, j in enumerate(kept):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ def prune_model(
     criterion_cache: dict | None = None,
     device: torch.device | str | None = None,
     extra: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place from the captured gradients and describe what was done.
 
@@ -52,11 +55,12 @@ def prune_model(
     the same unpruned model and batches (see ``criteria.removed_layers``). ``device`` is where IGIA
     matrices are rebuilt and merged (default: CPU) and, with ``config.benchmark``, where the dense and
     the pruned model are timed (default: the model's own device). ``extra`` is copied into the report
-    (e.g. the phase-1 settings of a swift run).
+    (e.g. the phase-1 settings of a swift run). ``log`` receives a line as each stage starts and ends.
     """
+    stage = _stages(log)
     per_layer, total_before = parameter_counts(model)
     if accumulator is None:
-        if config.score in IGIA_SCORES or config.merge_layers:
+        if config.score in IGIA_SCORES or config.merge_layers != 0:
             raise ValueError(f"score={config.score!r} with merge_layers={config.merge_layers} needs the IGIA gradients")
         accumulator = IGIAAccumulator()
         linear, scores, outside = {}, [0.0] * len(per_layer), []
@@ -73,7 +77,7 @@ def prune_model(
 
     def plan_for(count: int) -> LayerPlan:
         if count not in plans:
-            merge = min(config.merge_layers, count)
+            merge = config.merge_count(count)
             if config.score in IGIA_SCORES:
                 plans[count] = (plan_layers(scores, count, merge), {})
             else:
@@ -81,18 +85,24 @@ def prune_model(
                 plans[count] = (plan_removal(len(per_layer), removed, merge, scores), measured)
         return plans[count][0]
 
-    remove, guard_report = _layer_count(model, config, per_layer, total_before, plan_for, igia, guard)
-    plan = plan_for(remove)
+    with stage(f"choosing the layers to remove ({config.score}" + (", quality guard" if guard else "") + ")"):
+        remove, guard_report = _layer_count(model, config, per_layer, total_before, plan_for, igia, guard)
+        plan = plan_for(remove)
     criterion = plans[remove][1]
     timing_device = device if device is not None else next(model.parameters()).device
-    dense = time_on_device(model, timing_device) if config.benchmark else None
-    fractions = merge_removed_layers(model, plan, igia, config)
-    remove_layers(model, plan.removed)
+    dense = None
+    if config.benchmark:
+        with stage(f"timing the dense model on {torch.device(timing_device).type}"):
+            dense = time_on_device(model, timing_device)
+    with stage(f"merging {len(plan.merged)} and removing {len(plan.removed)} of {len(per_layer)} layers"):
+        fractions = merge_removed_layers(model, plan, igia, config)
+        remove_layers(model, plan.removed)
     _, total_after = parameter_counts(model)
     timing = {}
     if dense is not None:
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        pruned = time_on_device(model, timing_device)
+        with stage(f"timing the pruned model on {torch.device(timing_device).type}"):
+            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+            pruned = time_on_device(model, timing_device)
         timing["inference_benchmark"] = compare(dense, pruned, torch.device(timing_device).type, dtype)
     report = {
         "gradprune_version": __version__,
@@ -107,7 +117,7 @@ def prune_model(
         "linears_outside_layers": outside,
         "dropped_layers": list(plan.dropped),
         "merged_layers": {str(k): v for k, v in plan.merged.items()},
-        "merge_shortfall": min(config.merge_layers, remove) - len(plan.merged),
+        "merge_shortfall": config.merge_count(remove) - len(plan.merged),
         "kept_layers": list(plan.kept),
         "merged_fraction": {str(k): v for k, v in fractions.items()},
         "params_before": total_before,
@@ -120,6 +130,21 @@ def prune_model(
         **(extra or {}),
     }
     return PruneResult(plan=plan, report=report, guard=guard_report)
+
+
+def _stages(log: Callable[[str], None] | None):
+    """A context manager factory: logs '<what> ...' and '<what>: done in N s' around a stage."""
+
+    @contextmanager
+    def stage(what: str):
+        start = time.perf_counter()
+        if log:
+            log(f"[GradPruner] {what} ...")
+        yield
+        if log:
+            log(f"[GradPruner] {what}: done in {time.perf_counter() - start:.1f} s")
+
+    return stage
 
 
 def _layer_count(model, config, per_layer, total, plan_for, igia, guard) -> tuple[int, GuardReport | None]:

@@ -63,7 +63,7 @@ def layers_to_remove(config: GradPruneConfig, layer_params: Sequence[int], total
                 f"gradprune prune_ratio={ratio} is invalid for this model: it would remove {count} of "
                 f"its {num_layers} decoder layers; lower prune_ratio or set prune_layers"
             )
-    if config.merge_layers > count:
+    if config.merge_layers is not None and config.merge_layers > count:
         raise GradPruneConfigError(
             f"gradprune merge_layers={config.merge_layers} is invalid: only {count} layers are removed "
             f"(merged layers are among them), so it must be between 0 and {count}"

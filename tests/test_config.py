@@ -5,8 +5,11 @@ from swift_gradpruner.config import MIN_STEPS, GradPruneConfig, GradPruneConfigE
 
 def test_defaults_are_the_papers():
     c = GradPruneConfig()
-    assert (c.merge_layers, c.topp, c.merge_mode, c.score, c.step_ratio) == (3, 0.2, "add", "squared", 0.01)
+    assert (c.topp, c.merge_mode, c.step_ratio) == (0.2, "add", 0.01)
     assert (c.lora_rank, c.lora_alpha) == (8, 32)
+    # Merged layers: the paper's share, 3 of its 13 removed; an explicit count wins, capped at the removed.
+    assert c.merge_layers is None and [c.merge_count(n) for n in (13, 12, 6, 4, 2)] == [3, 3, 1, 1, 0]
+    assert [GradPruneConfig(merge_layers=2).merge_count(n) for n in (13, 1)] == [2, 1]
 
 
 @pytest.mark.parametrize(

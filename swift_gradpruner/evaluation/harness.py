@@ -38,7 +38,7 @@ from .tasks import TASKS, Item, load_task
 PRESETS: dict[str, dict[str, Any]] = {
     "dense": {},
     "gradprune": {},
-    "igia": {"score": "squared", "merge_layers": "paper", "steps": 10},
+    "igia": {"score": "squared", "merge_layers": None, "steps": 10},
     "skip_loss": {"score": "skip_loss", "merge_layers": 0},
     "block_influence": {"score": "block_influence", "merge_layers": 0},
     "angular": {"score": "angular", "merge_layers": 0},
@@ -49,8 +49,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 ``igia`` the paper's (Eq. 4, t = 10 phase-1 steps, merging 3 of every 13 removed layers as in its
 13/3 Llama setting); the others are the baselines at the same number of removed layers, without
 merging. ``name:key=value,...`` changes a setting, e.g. ``igia:steps=32`` or ``igia:merge_layers=0``."""
-
-PAPER_MERGE_SHARE = 3 / 13
 
 
 @dataclass(frozen=True)
@@ -67,9 +65,8 @@ class Method:
     def config(self, budget: int) -> GradPruneConfig:
         """The GradPruneConfig of this method at ``budget`` removed layers (not for dense/random)."""
         options = {k: v for k, v in self.options.items() if k != "protect"}
-        if options.get("merge_layers") == "paper":
-            options["merge_layers"] = min(budget, round(PAPER_MERGE_SHARE * budget))
-        options.setdefault("merge_layers", min(budget, GradPruneConfig().merge_layers))
+        if options.get("merge_layers") == "paper":  # the paper's 3-of-13 share (GradPruneConfig's default)
+            options["merge_layers"] = None
         return GradPruneConfig(prune_layers=budget, benchmark=False, **options)
 
     def probe_steps(self, budget: int) -> int | None:
@@ -77,7 +74,7 @@ class Method:
         if self.name in ("dense", "random"):
             return None
         config = self.config(budget)
-        if config.score in IGIA_SCORES or config.merge_layers > 0:
+        if config.score in IGIA_SCORES or config.merge_count(budget) > 0:
             return config.steps or 10
         return None
 

@@ -30,6 +30,10 @@ def run_phase1_and_prune(argv: list[str], args, config: GradPruneConfig, key: st
     phase1 = _phase1_pipeline_class()(phase1_args, config, accumulator)
     phase1.main()
     capture = phase1.capture
+    logger.info(
+        f"[GradPruner] phase 1 done: LoRA gradients of {capture.captured} optimizer steps captured "
+        f"(of the run's {capture.total_steps}); pruning on rank 0 (phase 1 saves no checkpoint by design)"
+    )
     phase1_info = {
         "phase1": {
             "steps_planned": capture.steps,
@@ -81,12 +85,14 @@ def prune_checkpoint(model_dir: str, accumulator: IGIAAccumulator, config: GradP
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map="cpu")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = _onto(model, device)
-    result = prune_model(model, accumulator, config, calibration=calibration, guard=guard, device=device, extra=extra)
-    if result.guard is not None and not result.guard.ok:
-        from swift.utils import get_logger
+    from swift.utils import get_logger
 
+    result = prune_model(model, accumulator, config, calibration=calibration, guard=guard, device=device, extra=extra,
+                         log=get_logger().info)  # fmt: skip
+    if result.guard is not None and not result.guard.ok:
         get_logger().warning(f"[GradPruner] WARNING: {result.guard.message(len(result.plan.removed))}")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    get_logger().info(f"[GradPruner] saving the pruned model to {out_dir} ...")
     save_pruned(model, result, out_dir, tokenizer=tokenizer, overwrite=True, extra_files={"args.json": swift_args})
 
 
