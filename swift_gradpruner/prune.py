@@ -205,3 +205,56 @@ def save_pruned(
     for name, content in (extra_files or {}).items():
         files[name] = lambda path, content=content: write_json(path, content)
     return save_checkpoint(model, out_dir, tokenizer=tokenizer, overwrite=overwrite, extra_files=files)
+
+
+def prune_checkpoint(model_dir: str | os.PathLike, accumulator: IGIAAccumulator, config: GradPruneConfig,
+                     out_dir: str | os.PathLike, extra: dict[str, Any], swift_args: dict[str, Any], *,
+                     guard=None, calibration=None, log=print, warn=print) -> PruneResult:  # fmt: skip
+    """Load the base checkpoint in its own dtype, prune and merge it, save it with its report.
+
+    The model runs on the GPU when there is one and it fits (forward passes of the guard and the
+    criteria, the merge, the timing), else on the CPU. ``swift_args`` becomes the checkpoint's
+    args.json, from which ``swift infer --model`` and ``swift export`` take model_type and template
+    (``swift sft`` ignores it: load_args is off there). ``guard`` and ``calibration`` are encoded
+    batches of held-out and of training rows (swift/holdout.py). ``log`` and ``warn`` receive progress
+    lines and the quality guard's warning.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _zero3_init_off():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map="cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = _onto(model, device)
+    result = prune_model(model, accumulator, config, calibration=calibration, guard=guard, device=device, extra=extra,
+                         log=log)  # fmt: skip
+    if result.guard is not None and not result.guard.ok:
+        warn(f"[GradPruner] WARNING: {result.guard.message(len(result.plan.removed))}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    log(f"[GradPruner] saving the pruned model to {out_dir} ...")
+    save_pruned(model, result, out_dir, tokenizer=tokenizer, overwrite=True, extra_files={"args.json": swift_args})
+    return result
+
+
+def _onto(model, device: str):
+    """``model`` on ``device`` if it fits there, else where it is."""
+    if device == "cpu":
+        return model
+    try:
+        return model.to(device)
+    except torch.OutOfMemoryError:
+        model.to("cpu")
+        torch.cuda.empty_cache()
+        return model
+
+
+@contextmanager
+def _zero3_init_off():
+    """Load a whole model on one rank even inside a ZeRO-3 run (transformers would partition it)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved

@@ -133,3 +133,39 @@ def test_gradients_of_a_real_peft_lora_llama(tokenizer):
         assert scores[name] == pytest.approx(float(f.sum()), rel=1e-5)
     name = "model.layers.1.mlp.down_proj"
     torch.testing.assert_close(acc.igia(name), ref[name], rtol=1e-5, atol=0)
+
+
+def test_factors_on_disk_give_the_same_scores_and_igia(tmp_path):
+    steps = random_steps(steps=4)
+    steps.insert(2, {n: (a * float("nan"), b) for n, (a, b) in steps[0].items()})  # skipped, never written
+    memory = fed(steps)
+    disk = fed(steps, factor_dir=tmp_path / "f")
+    assert disk.factor_bytes == 0 and disk.factor_disk_bytes > 0 and memory.factor_bytes > 0
+    assert len(list((tmp_path / "f").glob("*.safetensors"))) == 4 and disk.counts == memory.counts
+    assert disk.linear_scores() == memory.linear_scores()
+    expected = reference.igia([s for i, s in enumerate(steps) if i != 2])
+    for name in ("model.layers.1.mlp.down_proj", "model.layers.2.self_attn.k_proj"):
+        assert torch.equal(disk.igia(name), memory.igia(name))
+        torch.testing.assert_close(disk.igia(name), expected[name], rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_saved_state_rebuilds_scores_and_f_exactly(tmp_path, on_disk):
+    from swift_gradpruner.importance import STATE_FILE, load_state, save_state
+
+    steps = random_steps(steps=3, scale=1e-6)
+    acc = fed(steps, factor_dir=tmp_path / "state" if on_disk else None)
+    save_state(acc, tmp_path / "state")
+    assert (tmp_path / "state" / STATE_FILE).is_file()
+    again = load_state(tmp_path / "state")
+    assert again.counts == acc.counts and again.linear_names == acc.linear_names
+    assert again.linear_scores() == acc.linear_scores() and again.linear_scores("norm") == acc.linear_scores("norm")
+    name = "model.layers.0.mlp.up_proj"
+    assert torch.equal(again.igia(name), acc.igia(name))
+    if not on_disk:
+        assert acc.factor_bytes > 0  # saving does not move an in-memory accumulator's factors
+    (tmp_path / "state" / "step-000002.safetensors").unlink()
+    with pytest.raises(ValueError, match="incomplete IGIA state"):
+        load_state(tmp_path / "state")
+    with pytest.raises(FileNotFoundError, match="no IGIA state"):
+        load_state(tmp_path)

@@ -163,14 +163,17 @@ def test_full_run_from_yaml_then_rerun_and_resume(tiny, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted([first.name, second.name])
 
 
-def test_auto_layer_count_with_the_skip_loss_criterion(tiny, tmp_path):
+def test_auto_skip_loss_then_reprune_from_the_saved_phase_1(tiny, tmp_path):
     """prune_layers=auto: the largest count (up to prune_ratio's) within the guard's threshold, chosen
-    by the removal-damage criterion on calibration rows; a tight threshold warns and still trains."""
+    by the removal-damage criterion on calibration rows. The same command with other pruning options
+    prunes again from the saved phase-1 state without training phase 1; a tight threshold warns and
+    still trains; `gradprune prune --state` re-prunes outside swift."""
+    out = tmp_path / "runs"
     common = ["sft", "--model", str(tiny["llama"]), "--model_type", "llama", "--dataset", str(tiny["data"]), *COMMON,
               "--max_steps", "6", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
               "--save_steps", "6", "--gradprune", "true", "--gradprune_steps", "2", "--gradprune_benchmark", "false",
-              "--gradprune_score", "skip_loss", "--gradprune_calibration_rows", "8"]  # fmt: skip
-    out = tmp_path / "auto"
+              "--gradprune_score", "skip_loss", "--gradprune_calibration_rows", "8",
+              "--output_dir", str(out)]  # fmt: skip
     auto = [
         "--gradprune_prune_layers",
         "auto",
@@ -179,19 +182,38 @@ def test_auto_layer_count_with_the_skip_loss_criterion(tiny, tmp_path):
         "--gradprune_max_loss_increase",
         "1e3",
     ]
-    proc = check(swift(*common, "--output_dir", str(out), *auto, cwd=tmp_path))
+    proc = check(swift(*common, *auto, cwd=tmp_path))
+    first = run_dir(out)
     report = report_of(out)
     assert report["num_layers_before"] - report["num_layers_after"] == 3  # the ceiling: 50% of 6 layers
     assert report["criterion"]["name"] == "skip_loss" and len(report["criterion"]["loss_after_removal"]) == 3
     assert report["quality_guard"]["ok"] and "[GradPruner] WARNING" not in proc.output
+    assert "[GradPruner] phase 1 done" in proc.output
+    state = first / "gradprune" / "state"
+    assert (state / "igia_state.json").is_file() and (state / "batches.safetensors").is_file()
+    assert len(list(state.glob("step-*.safetensors"))) == 2
 
-    out = tmp_path / "tight"
     tight = ["--gradprune_prune_layers", "4", "--gradprune_merge_layers", "0", "--gradprune_max_loss_increase", "0"]
-    proc = check(swift(*common, "--output_dir", str(out), *tight, cwd=tmp_path))
+    proc = check(swift(*common, *tight, cwd=tmp_path))
+    second = run_dir(out)
+    assert second != first and f"pruning from {state}" in proc.output
+    assert "[GradPruner] phase 1 done" not in proc.output and not (second / "gradprune" / "state").exists()
     guard = report_of(out)["quality_guard"]
+    assert report_of(out)["num_layers_after"] == 2 and report_of(out)["phase1_key"] == report["phase1_key"]
     if not guard["ok"]:  # a random tiny model may even gain from removal; then nothing is to warn about
         assert "[GradPruner] WARNING: pruned-model loss on 32 held-out training rows" in proc.output
-    assert (run_dir(out) / "checkpoint-6").is_dir()
+    assert (second / "checkpoint-6").is_dir()
+
+    from swift_gradpruner.cli import main
+
+    again = tmp_path / "again"
+    assert main(["prune", "--state", str(state), "--out", str(again), "--prune_layers", "1", "--score", "last",
+                 "--merge_layers", "0", "--benchmark", "false"]) == 0  # fmt: skip
+    redone = json.loads((again / "gradprune_report.json").read_text())
+    assert redone["kept_layers"] == [0, 1, 2, 3, 5] and redone["quality_guard"]["rows"] == 32
+    assert json.loads((again / "args.json").read_text())["model_type"] == "llama"
+    assert AutoModelForCausalLM.from_pretrained(again).config.num_hidden_layers == 5
+    assert main(["prune", "--state", str(tmp_path), "--out", str(tmp_path / "x")]) == 2  # not a state: one line
 
 
 def test_gradprune_sft_command_needs_no_start_up_hook(tiny, tmp_path):

@@ -70,3 +70,27 @@ def encode_batches(template, rows: Sequence[dict], batch_size: int) -> list[dict
             labels[b, : len(labs)] = torch.tensor(labs)
         batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
     return batches
+
+
+BATCHES_FILE = "batches.safetensors"
+
+
+def save_batches(path, groups: dict[str, list[dict[str, torch.Tensor]]]) -> None:
+    """Named lists of batches in one safetensors file (keys ``group/index/field``)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"{group}/{i}/{field}": value.contiguous() for group, batches in groups.items()
+               for i, batch in enumerate(batches) for field, value in batch.items()}  # fmt: skip
+    save_file(tensors, str(path), metadata={"groups": ",".join(groups)})
+
+
+def load_batches(path) -> dict[str, list[dict[str, torch.Tensor]]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        groups: dict[str, dict[int, dict[str, torch.Tensor]]] = {g: {} for g in handle.metadata()["groups"].split(",")}
+        names = handle.keys()  # a safe_open handle is not iterable
+        for key in names:
+            group, index, field = key.split("/")
+            groups[group].setdefault(int(index), {})[field] = handle.get_tensor(key)
+    return {group: [batches[i] for i in sorted(batches)] for group, batches in groups.items()}

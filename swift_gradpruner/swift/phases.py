@@ -4,28 +4,35 @@ rewriting between the phases."""
 from __future__ import annotations
 
 import gc
-from contextlib import contextmanager
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import GradPruneConfig
-from ..importance import IGIAAccumulator
+from ..importance import IGIAAccumulator, load_state, save_state
+from ..prune import prune_checkpoint
 from .callback import IGIACaptureCallback
-from .holdout import encode_batches, first_rows, hold_out
+from .holdout import BATCHES_FILE, encode_batches, first_rows, hold_out, load_batches, save_batches
 from .preflight import parse_sft_args, world_size
-from .reuse import phase1_settings, swift_version
+from .reuse import PHASE1_FILE, phase1_settings, swift_version
 
 PHASE1_DIR = "phase1"
 
 
-def run_phase1_and_prune(argv: list[str], args, config: GradPruneConfig, key: str, pruned_dir: Path) -> None:
+def run_phase1(argv: list[str], args, config: GradPruneConfig, key: str, state_dir: Path) -> None:
+    """Phase 1 on every rank; rank 0 writes the IGIA state (factors step by step, then the sums,
+    the held-out and calibration rows and the run's facts) to ``state_dir``, atomically."""
     from swift.utils import get_logger, is_master
 
     logger = get_logger()
-    phase1_dir = pruned_dir.parent / PHASE1_DIR
-    accumulator = IGIAAccumulator(keep_factors=is_master())
+    phase1_dir = state_dir.parent / PHASE1_DIR
+    building = state_dir.with_name(f".{state_dir.name}.building")
+    if is_master():
+        shutil.rmtree(building, ignore_errors=True)
+    accumulator = IGIAAccumulator(keep_factors=is_master(), factor_dir=building if is_master() else None)
     phase1_args = parse_sft_args(phase1_argv(argv, args, config, phase1_dir))
     phase1 = _phase1_pipeline_class()(phase1_args, config, accumulator)
     phase1.main()
@@ -34,91 +41,52 @@ def run_phase1_and_prune(argv: list[str], args, config: GradPruneConfig, key: st
         f"[GradPruner] phase 1 done: LoRA gradients of {capture.captured} optimizer steps captured "
         f"(of the run's {capture.total_steps}); pruning on rank 0 (phase 1 saves no checkpoint by design)"
     )
-    phase1_info = {
-        "phase1": {
-            "steps_planned": capture.steps,
-            "steps_captured": capture.captured,
-            "total_steps": capture.total_steps,
-            "lora_rank": phase1.args.lora_rank,
-            "lora_alpha": phase1.args.lora_alpha,
-            "target_modules": phase1.args.target_modules,
-            "learning_rate": phase1.args.learning_rate,
-            "deepspeed": bool(args.deepspeed),
-            "world_size": world_size(),
-            "output_dir": str(phase1_dir),
-        },
-        "config_hash": key,
-        "source_model": args.model_dir,
-        "swift_settings": phase1_settings(args),
-    }
-    held_out = {"guard": phase1.guard, "calibration": phase1.calibration}
-    del phase1, capture
+    if is_master():
+        info = {
+            "phase1_key": key,
+            "phase1": {
+                "steps_planned": capture.steps, "steps_captured": capture.captured, "total_steps": capture.total_steps,
+                "lora_rank": phase1.args.lora_rank, "lora_alpha": phase1.args.lora_alpha,
+                "target_modules": phase1.args.target_modules, "learning_rate": phase1.args.learning_rate,
+                "deepspeed": bool(args.deepspeed), "world_size": world_size(), "output_dir": str(phase1_dir),
+            },
+            "source_model": args.model_dir,
+            "swift_settings": phase1_settings(args),
+            "swift_args": {"model_type": args.model_type, "template": args.template},
+        }  # fmt: skip
+        save_state(accumulator, building)
+        save_batches(building / BATCHES_FILE, {"guard": phase1.guard or [], "calibration": phase1.calibration or []})
+        (building / PHASE1_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+        shutil.rmtree(state_dir, ignore_errors=True)
+        building.rename(state_dir)
+    del phase1, capture, accumulator
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    barrier()
+
+
+def prune_from_state(args, config: GradPruneConfig, state_dir: Path, key: str, pruned_dir: Path) -> None:
+    """Rank 0 prunes the base model from the saved phase-1 state; every rank waits for it."""
+    from swift.utils import get_logger, is_master
+
     if is_master():
-        swift_args = {"swift_version": swift_version(), "model": str(pruned_dir), "model_type": args.model_type,
-                      "template": args.template, "task_type": "causal_lm", "tuner_type": "full"}  # fmt: skip
-        prune_checkpoint(args.model_dir, accumulator, config, pruned_dir, phase1_info, swift_args, **held_out)
-    del accumulator
+        info = json.loads((state_dir / PHASE1_FILE).read_text())
+        batches = load_batches(state_dir / BATCHES_FILE)
+        extra = {key_: info[key_] for key_ in ("phase1", "source_model", "swift_settings")}
+        extra.update(config_hash=key, phase1_key=info["phase1_key"], phase1_state=str(state_dir))
+        swift_args = {"swift_version": swift_version(), "model": str(pruned_dir), **info["swift_args"],
+                      "task_type": "causal_lm", "tuner_type": "full"}  # fmt: skip
+        prune_checkpoint(args.model_dir, load_state(state_dir), config, pruned_dir, extra, swift_args,
+                         guard=batches["guard"] or None, calibration=batches["calibration"] or None,
+                         log=get_logger().info, warn=get_logger().warning)  # fmt: skip
+    barrier()
+    get_logger().info(f"[GradPruner] pruned model saved: {pruned_dir}")
+
+
+def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    logger.info(f"[GradPruner] pruned model saved: {pruned_dir}")
-
-
-def prune_checkpoint(model_dir: str, accumulator: IGIAAccumulator, config: GradPruneConfig, out_dir: Path,
-                     extra: dict[str, Any], swift_args: dict[str, Any],
-                     guard=None, calibration=None) -> None:  # fmt: skip
-    """Load the base checkpoint in its own dtype, prune and merge it, save it with its report.
-
-    The model runs on the GPU when there is one and it fits (forward passes of the guard and the
-    criteria, the merge, the timing), else on the CPU. ``swift_args`` becomes the checkpoint's
-    args.json, from which ``swift infer --model`` and ``swift export`` take model_type and template
-    (``swift sft`` ignores it: load_args is off there). ``guard`` and ``calibration`` are encoded
-    batches of held-out and of training rows (holdout.py).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..prune import prune_model, save_pruned
-
-    with _zero3_init_off():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map="cpu")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = _onto(model, device)
-    from swift.utils import get_logger
-
-    result = prune_model(model, accumulator, config, calibration=calibration, guard=guard, device=device, extra=extra,
-                         log=get_logger().info)  # fmt: skip
-    if result.guard is not None and not result.guard.ok:
-        get_logger().warning(f"[GradPruner] WARNING: {result.guard.message(len(result.plan.removed))}")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    get_logger().info(f"[GradPruner] saving the pruned model to {out_dir} ...")
-    save_pruned(model, result, out_dir, tokenizer=tokenizer, overwrite=True, extra_files={"args.json": swift_args})
-
-
-def _onto(model, device: str):
-    """``model`` on ``device`` if it fits there, else where it is."""
-    if device == "cpu":
-        return model
-    try:
-        return model.to(device)
-    except torch.OutOfMemoryError:
-        model.to("cpu")
-        torch.cuda.empty_cache()
-        return model
-
-
-@contextmanager
-def _zero3_init_off():
-    """Load a whole model on one rank even inside a ZeRO-3 run (transformers would partition it)."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def phase1_argv(argv: list[str], args, config: GradPruneConfig, out_dir: Path) -> list[str]:

@@ -22,9 +22,18 @@ from typing import Any
 
 from ..config import GradPruneConfig, GradPruneConfigError
 from ..report import REPORT_NAME, read_report
-from .phases import run_phase1_and_prune, summary
+from .phases import prune_from_state, run_phase1, summary
 from .preflight import parse_sft_args, preflight, remove_empty_output_dirs
-from .reuse import GRADPRUNE_DIR, MODEL_DIR, config_hash, find_finished_phase1, pruned_model_of_checkpoint
+from .reuse import (
+    GRADPRUNE_DIR,
+    MODEL_DIR,
+    STATE_DIR,
+    find_pruned_model,
+    find_state,
+    phase1_key,
+    prune_key,
+    pruned_model_of_checkpoint,
+)
 
 
 def run(argv: list[str], config: GradPruneConfig) -> dict[str, Any]:
@@ -33,19 +42,26 @@ def run(argv: list[str], config: GradPruneConfig) -> dict[str, Any]:
 
     logger = get_logger()
     args = parse_sft_args(argv)
-    key = config_hash(args, config)
+    first = phase1_key(args, config)
+    key = prune_key(first, config)
     try:
         preflight(args, config)
         if args.resume_from_checkpoint:
             pruned_dir = pruned_model_of_checkpoint(args.resume_from_checkpoint, key)
         else:
-            pruned_dir = find_finished_phase1(args, key)
+            pruned_dir = find_pruned_model(args, key)
     except GradPruneConfigError:
         remove_empty_output_dirs(args)
         raise
     if pruned_dir is None:
         pruned_dir = Path(args.output_dir) / GRADPRUNE_DIR / MODEL_DIR
-        run_phase1_and_prune(argv, args, config, key, pruned_dir)
+        state = find_state(args, first)
+        if state is None:
+            state = Path(args.output_dir) / GRADPRUNE_DIR / STATE_DIR
+            run_phase1(argv, args, config, first, state)
+        else:
+            logger.info(f"[GradPruner] phase 1 of an earlier run with the same settings is saved: pruning from {state}")
+        prune_from_state(args, config, state, key, pruned_dir)
     else:
         logger.info(f"[GradPruner] reusing the pruned model of an earlier run with the same settings: {pruned_dir}")
     report = read_report(pruned_dir)

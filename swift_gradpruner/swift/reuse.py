@@ -1,5 +1,12 @@
-"""Finding a finished phase 1 again: a repeated run (e.g. after a crash) or a resumed phase 2 reuses
-the pruned model of an earlier run when its report's hash of every phase-1-shaping setting matches."""
+"""Finding earlier work again. Two keys:
+
+* the *phase-1 key* hashes everything that shapes phase 1 (swift's settings, the dataset files'
+  contents, package versions, and the GradPruner options that change the probe or the rows it holds
+  out). A run whose key matches a saved IGIA state (``<output_dir>/gradprune/state``) skips phase 1
+  and prunes from that state: trying another N, K, p, merge mode or criterion takes seconds.
+* the *prune key* adds every pruning option. A pruned model whose report has it is reused as is
+  (a repeated run after a crash), and a resumed phase 2 must have been trained on such a model.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +20,22 @@ from .preflight import world_size
 
 GRADPRUNE_DIR = "gradprune"
 MODEL_DIR = "model"
+STATE_DIR = "state"
+PHASE1_FILE = "phase1.json"
 HASHED_ARGS = (
-    "model", "model_revision", "model_type", "template", "dataset", "split_dataset_ratio", "dataset_shuffle",
-    "data_seed", "seed", "max_length", "truncation_strategy", "packing", "per_device_train_batch_size",
-    "learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps",
-    "weight_decay", "num_train_epochs", "max_steps", "max_grad_norm", "tuner_type", "lora_rank", "lora_alpha",
-    "lora_dropout", "target_modules", "target_regex", "torch_dtype", "deepspeed",
+    "model", "model_revision", "model_type", "template", "system", "dataset", "val_dataset", "split_dataset_ratio",
+    "dataset_shuffle", "data_seed", "seed", "max_length", "truncation_strategy", "packing", "padding_free",
+    "streaming", "loss_scale", "per_device_train_batch_size", "learning_rate", "lr_scheduler_type",
+    "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps", "optim", "optimizer", "adam_beta1", "adam_beta2",
+    "adam_epsilon", "weight_decay", "num_train_epochs", "max_steps", "max_grad_norm", "tuner_type", "lora_rank",
+    "lora_alpha", "lora_dropout", "lora_dtype", "use_rslora", "init_weights", "target_modules", "target_regex",
+    "torch_dtype", "model_kwargs", "attn_impl", "quant_method", "quant_bits", "bnb_4bit_quant_type",
+    "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant", "deepspeed",
 )  # fmt: skip
-"""SftArguments that shape phase 1 (with the resolved gradient accumulation and the world size):
-a saved pruned model is reused only if none of them changed."""
+"""SftArguments that shape phase 1 (with the resolved gradient accumulation and the world size)."""
+PHASE1_OPTIONS = ("steps", "step_ratio", "lora_rank", "lora_alpha", "guard_rows", "calibration_rows")
+"""GradPruner options that shape phase 1 or the rows it keeps aside; the others only shape pruning."""
+VERSIONED = ("torch", "transformers", "peft", "ms-swift", "deepspeed", "swift-gradpruner")
 
 
 def swift_version() -> str:
@@ -38,20 +52,75 @@ def phase1_settings(args) -> dict[str, str]:
     return settings
 
 
-def config_hash(args, config: GradPruneConfig) -> str:
+def phase1_key(args, config: GradPruneConfig) -> str:
+    options = {name: getattr(config, name) for name in PHASE1_OPTIONS}
+    blob = {"gradprune": options, "swift": phase1_settings(args), "data": dataset_digests(args),
+            "versions": _versions()}  # fmt: skip
+    return _digest(blob)
+
+
+def prune_key(first: str, config: GradPruneConfig) -> str:
     options = config.to_dict()
     del options["benchmark"]  # measures the result, does not shape it
-    blob = json.dumps({"gradprune": options, "swift": phase1_settings(args)}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return _digest({"phase1": first, "gradprune": options})
 
 
-def find_finished_phase1(args, key: str) -> Path | None:
-    """A pruned model saved by an earlier run of the same command (same output_dir, same hash)."""
+def dataset_digests(args) -> dict[str, str]:
+    """A content hash of every --dataset / --val_dataset entry that is a local file (hub names hash as text)."""
+    out = {}
+    for entry in [*(args.dataset or []), *(args.val_dataset or [])]:
+        path = Path(str(entry).split(":")[0].split("#")[0])
+        if path.is_file():
+            digest = hashlib.sha256()
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            out[str(entry)] = digest.hexdigest()[:16]
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            out[str(entry)] = _digest(
+                [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+            )
+    return out
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name in VERSIONED:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def find_state(args, key: str) -> Path | None:
+    """A complete phase-1 state with this phase-1 key, here or in a sibling version folder."""
+    for candidate in _here_then_siblings(args, STATE_DIR):
+        info = candidate / PHASE1_FILE
+        if info.is_file() and json.loads(info.read_text()).get("phase1_key") == key:
+            return candidate
+    return None
+
+
+def _here_then_siblings(args, leaf: str) -> list[Path]:
     here = Path(args.output_dir)
-    candidates = [here / GRADPRUNE_DIR / MODEL_DIR]
+    candidates = [here / GRADPRUNE_DIR / leaf]
     if args.add_version:  # earlier runs live in sibling version folders v0-..., v1-...
-        siblings = here.parent.glob(f"v*/{GRADPRUNE_DIR}/{MODEL_DIR}")
+        siblings = here.parent.glob(f"v*/{GRADPRUNE_DIR}/{leaf}")
         candidates += sorted(siblings, key=lambda p: p.stat().st_mtime, reverse=True)
+    return candidates
+
+
+def find_pruned_model(args, key: str) -> Path | None:
+    """A pruned model saved by an earlier run of the same command (same output_dir, same prune key)."""
+    candidates = _here_then_siblings(args, MODEL_DIR)
     for candidate in candidates:
         report = read_report(candidate)
         if report and report.get("config_hash") == key and (candidate / "config.json").is_file():
