@@ -13,6 +13,11 @@ def test_readme_lists_every_flag_with_its_default_and_help():
         assert f"| `{flag}` | `{default}` | {text} |" in README, flag
 
 
-def test_public_names_resolve():
-    for name in swift_gradpruner.__all__:
-        assert getattr(swift_gradpruner, name) is not None
+def test_public_names_are_the_modules_documented_objects():
+    import importlib
+
+    for name, module in swift_gradpruner._EXPORTS.items():
+        value = getattr(swift_gradpruner, name)
+        assert value is getattr(importlib.import_module(f"swift_gradpruner.{module}"), name), name
+        assert (value.__doc__ or "").strip(), f"{name} has no docstring"
+    assert set(swift_gradpruner.__all__) == {"__version__", *swift_gradpruner._EXPORTS}
