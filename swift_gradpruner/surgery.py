@@ -98,10 +98,15 @@ def save_checkpoint(
             tokenizer.save_pretrained(tmp)
         for name, write in (extra_files or {}).items():
             write(tmp / name)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700: a server running as another user could not read it
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             out_dir.rename(old)
-            tmp.rename(out_dir)
+            try:
+                tmp.rename(out_dir)
+            except BaseException:
+                old.rename(out_dir)  # put the previous checkpoint back where it was
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out_dir)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,7 +148,7 @@ def test_pre_quantised_checkpoint_is_refused(tokenizer):
         remove_layers(model, [1])
 
 
-def test_failed_save_leaves_nothing_and_existing_output_is_kept(tokenizer, tmp_path):
+def test_failed_save_leaves_nothing_and_existing_output_is_kept(tokenizer, tmp_path, monkeypatch):
     model = tiny("llama", tokenizer)
 
     class Broken:
@@ -167,9 +168,24 @@ def test_failed_save_leaves_nothing_and_existing_output_is_kept(tokenizer, tmp_p
         save_checkpoint(model, tmp_path / "out", tokenizer=Broken(), overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    # The second rename fails (after the old folder was moved aside): the old folder comes back.
+    real_rename = Path.rename
+
+    def failing_rename(self, target):
+        if self.name.endswith(".tmp"):
+            raise OSError("rename failed")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(OSError, match="rename failed"):
+        save_checkpoint(model, tmp_path / "out", overwrite=True)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
     save_checkpoint(model, tmp_path / "out", overwrite=True)
     assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755  # readable by a server running as another user
 
 
 def test_report_written_with_checkpoint(tokenizer, tmp_path):

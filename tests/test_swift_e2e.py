@@ -274,6 +274,9 @@ BAD_INPUTS = [
     (["--target_modules", "foo_proj"], "LoRA target modules 'foo_proj' match no linear layer"),
     (["--gradprune_prune_layer", "2"], "unknown flag --gradprune_prune_layer; valid GradPruner flags"),
     (["--gradprune_topp", "abc"], "--gradprune_topp 'abc' is not a valid float"),
+    (["--dataset", "./missing.jsonl"], "--dataset ./missing.jsonl: no such file"),
+    (["--output_dir", "@file"], "is a file, not a folder; choose another --output_dir"),
+    (["--dataset", "@badrows"], "phase 1 failed:"),
     (["--gradprune_prune_layers", "most"], "gradprune prune_layers='most' is invalid: must be an integer >= 1 or auto"),
     (["--gradprune_score", "skip_loss", "--streaming", "true"], "a --streaming dataset cannot provide"),
     (["--gradprune_merge_mode", "sum"], "gradprune merge_mode='sum' is invalid: must be one of add, average, fisher"),
@@ -292,6 +295,12 @@ def test_bad_input_fails_early_with_one_line_and_no_output_dir(tiny, tmp_path, e
     elif extra == ["@quantised"]:
         model, extra = str(_quantised(tiny["root"], tiny["llama"])), []
     extra = [str(_adapter(tiny["root"], tiny["llama"])) if token == "@adapter" else token for token in extra]
+    if "@file" in extra:
+        (tmp_path / "a_file").write_text("not a folder")
+        extra = [str(tmp_path / "a_file") if token == "@file" else token for token in extra]
+    if "@badrows" in extra:  # exists, so only phase 1 (after the model is loaded) finds it unreadable
+        (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json at all\n')
+        extra = [str(tmp_path / "bad.jsonl") if token == "@badrows" else token for token in extra]
     out = tmp_path / "out"
     proc = swift("sft", "--model", model, "--model_type", model_type, "--dataset", str(tiny["data"]), *COMMON,
                  "--max_steps", "8", "--gradient_accumulation_steps", "1", "--output_dir", str(out),

@@ -3,6 +3,7 @@ rewriting between the phases."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import shutil
@@ -64,6 +65,15 @@ def run_phase1(argv: list[str], args, config: GradPruneConfig, key: str, state_d
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     barrier()
+
+
+def discard_phase1(state_dir: Path) -> None:
+    """Remove what a failed phase 1 wrote (its logs, a half-built state), and the gradprune folder if
+    that leaves it empty; a finished state or pruned model of an earlier run there is kept."""
+    shutil.rmtree(state_dir.parent / PHASE1_DIR, ignore_errors=True)
+    shutil.rmtree(state_dir.with_name(f".{state_dir.name}.building"), ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty: an earlier run's work stays
+        state_dir.parent.rmdir()
 
 
 def prune_from_state(args, config: GradPruneConfig, state_dir: Path, key: str, pruned_dir: Path) -> None:

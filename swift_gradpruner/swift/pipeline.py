@@ -17,13 +17,14 @@ of every setting that shapes phase 1, and a pruned model is reused only if the h
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from ..config import GradPruneConfig, GradPruneConfigError
 from ..report import REPORT_NAME, read_report
-from .phases import prune_from_state, run_phase1, summary
-from .preflight import parse_sft_args, preflight, remove_empty_output_dirs
+from .phases import discard_phase1, prune_from_state, run_phase1, summary
+from .preflight import check_argv_paths, parse_sft_args, preflight, remove_empty_output_dirs
 from .reuse import (
     GRADPRUNE_DIR,
     MODEL_DIR,
@@ -41,6 +42,7 @@ def run(argv: list[str], config: GradPruneConfig) -> dict[str, Any]:
     from swift.utils import get_logger
 
     logger = get_logger()
+    check_argv_paths(argv)
     args = parse_sft_args(argv)
     first = phase1_key(args, config)
     key = prune_key(first, config)
@@ -58,7 +60,17 @@ def run(argv: list[str], config: GradPruneConfig) -> dict[str, Any]:
         state = find_state(args, first)
         if state is None:
             state = Path(args.output_dir) / GRADPRUNE_DIR / STATE_DIR
-            run_phase1(argv, args, config, first, state)
+            try:
+                run_phase1(argv, args, config, first, state)
+            except Exception as error:  # one line for the user, no half-made folders left behind
+                discard_phase1(state)
+                remove_empty_output_dirs(args)
+                if os.environ.get("GRADPRUNE_DEBUG"):
+                    raise
+                message = (str(error).strip().splitlines() or [""])[-1][:500]
+                raise GradPruneConfigError(
+                    f"phase 1 failed: {type(error).__name__}: {message} (GRADPRUNE_DEBUG=1 shows the traceback)"
+                ) from error
         else:
             logger.info(f"[GradPruner] phase 1 of an earlier run with the same settings is saved: pruning from {state}")
         prune_from_state(args, config, state, key, pruned_dir)

@@ -11,6 +11,35 @@ from ..architecture import LAYERS_PREFIX, check_supported, parameter_counts
 from ..config import GradPruneConfig, GradPruneConfigError
 from ..selection import layers_to_remove
 
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".txt", ".parquet", ".arrow")
+
+
+def check_argv_paths(argv: list[str]) -> None:
+    """Paths that swift would only trip over after loading the model (or with a traceback while parsing):
+    an --output_dir that is a file, a local --dataset / --val_dataset file that does not exist."""
+    values = _flag_values(argv)
+    for out in values.get("--output_dir", []):
+        if Path(out).exists() and not Path(out).is_dir():
+            raise GradPruneConfigError(f"--output_dir {out} is a file, not a folder; choose another --output_dir")
+    for flag in ("--dataset", "--val_dataset"):
+        for entry in values.get(flag, []):
+            path = entry.split("#")[0]  # swift's "file#500" takes 500 rows
+            local = path.startswith(("/", "./", "../", "~")) or path.lower().endswith(DATA_FILE_SUFFIXES)
+            if local and not Path(path).expanduser().exists():
+                raise GradPruneConfigError(f"{flag} {entry}: no such file ({Path(path).expanduser().resolve()})")
+
+
+def _flag_values(argv: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    current = None
+    for token in argv:
+        if token.startswith("--"):
+            current, eq, value = token.partition("=")
+            out[current] = [value] if eq else []
+        elif current is not None:
+            out[current].append(token)
+    return out
+
 
 def parse_sft_args(argv: list[str]):
     import os
