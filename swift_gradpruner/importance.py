@@ -28,6 +28,8 @@ import torch
 
 _BLOCK_ELEMENTS = 1 << 22
 """Elements of one (steps x rows x cols) block while rebuilding F (32 MiB in float64)."""
+STEP_CHUNK = 64
+"""Steps whose factors are loaded at once while rebuilding F."""
 
 LoraGrads = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 """Linear name -> (gradient of A, r x n; gradient of B, m x r) for one optimizer step."""
@@ -111,14 +113,14 @@ class IGIAAccumulator:
             self._zero += 1
         return True
 
-    def _step_factors(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(gA, gB) of linear ``name`` at every used step, from memory or from the step files."""
+    def _step_factors(self, name: str, first: int, end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(gA, gB) of linear ``name`` at used steps first..end-1, from memory or from the step files."""
         if self.factor_dir is None:
-            return [step[name] for step in self._factors]
+            return [step[name] for step in self._factors[first:end]]
         from safetensors import safe_open
 
         out = []
-        for file in self._step_files:
+        for file in self._step_files[first:end]:
             with safe_open(str(self.factor_dir / file), framework="pt") as handle:
                 out.append(tuple(handle.get_tensor(f"{name}{suffix}") for suffix in _AB))
         return out
@@ -157,14 +159,17 @@ class IGIAAccumulator:
             raise KeyError(f"no LoRA gradients were captured for linear {name!r}")
         rows, cols = self._shapes[name]
         # float64 throughout: squares of gradients near 1e-20 are common and must not underflow,
-        # and the top-p ranking of near-equal elements must not depend on rounding. Rows are done
-        # in blocks of all steps at once (one bmm each), so the working set stays small.
-        grad_a, grad_b = (torch.stack(parts).to(device, torch.float64) for parts in zip(*self._step_factors(name)))
-        out = torch.empty(rows, cols, dtype=torch.float64, device=device)
-        block = max(1, _BLOCK_ELEMENTS // (self._used * cols))
-        for start in range(0, rows, block):
-            sim = torch.bmm(grad_b[:, start : start + block], grad_a)  # G_i for these rows, all i
-            out[start : start + block] = sim.square_().sum(0)
+        # and the top-p ranking of near-equal elements must not depend on rounding. Steps are taken
+        # STEP_CHUNK at a time and rows in blocks (one bmm each), so the working set stays small
+        # however many steps there are: F itself plus one chunk of factors.
+        out = torch.zeros(rows, cols, dtype=torch.float64, device=device)
+        for first in range(0, self._used, STEP_CHUNK):
+            chunk = self._step_factors(name, first, first + STEP_CHUNK)
+            grad_a, grad_b = (torch.stack(parts).to(device, torch.float64) for parts in zip(*chunk))
+            block = max(1, _BLOCK_ELEMENTS // (len(chunk) * cols))
+            for start in range(0, rows, block):
+                sim = torch.bmm(grad_b[:, start : start + block], grad_a)  # G_i for these rows, chunk's i
+                out[start : start + block] += sim.square_().sum(0)
         return out.div_(self._used)
 
 

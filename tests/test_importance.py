@@ -169,3 +169,14 @@ def test_saved_state_rebuilds_scores_and_f_exactly(tmp_path, on_disk):
         load_state(tmp_path / "state")
     with pytest.raises(FileNotFoundError, match="no IGIA state"):
         load_state(tmp_path)
+
+
+def test_igia_in_step_chunks_equals_the_reference(monkeypatch):
+    from swift_gradpruner import importance
+
+    monkeypatch.setattr(importance, "STEP_CHUNK", 2)  # 5 steps: chunks of 2, 2, 1
+    steps = random_steps(steps=5)
+    acc = fed(steps)
+    expected = reference.igia(steps)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.2.mlp.gate_proj"):
+        torch.testing.assert_close(acc.igia(name), expected[name], rtol=1e-10, atol=0)
