@@ -120,6 +120,7 @@ def build_model(
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    config_kw.setdefault("tie_word_embeddings", False)
     config = AutoConfig.for_model(
         arch,
         vocab_size=vocab_size,
@@ -130,7 +131,6 @@ def build_model(
         num_key_value_heads=kv_heads,
         head_dim=hidden // heads,
         max_position_embeddings=512,
-        tie_word_embeddings=False,
         bos_token_id=None,
         eos_token_id=2,
         pad_token_id=0,

@@ -134,6 +134,28 @@ def test_pruning_zero_layers_reproduces_the_original(arch, tokenizer, tmp_path):
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out)), before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tied_embeddings_stay_tied_through_prune_save_reload(arch, tokenizer, tmp_path):
+    """Small models (SmolLM2, Qwen2.5-0.5B) tie the LM head to the embeddings: the pruned checkpoint
+    must keep the tie (one tensor on disk, one after reload) and compute what the pruned model did."""
+    model = build_model(arch, num_layers=6, vocab_size=len(tokenizer), seed=1, tie_word_embeddings=True).eval()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    result = prune_model(model, accumulate(scaled_steps(model)), GradPruneConfig(prune_layers=3, merge_layers=1,
+                                                                                 benchmark=False))  # fmt: skip
+    expected = logits(model)
+    out = save_pruned(model, result, tmp_path / "tied")
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert reloaded.config.tie_word_embeddings and reloaded.config.num_hidden_layers == 3
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        stored = handle.keys()
+    assert "lm_head.weight" not in stored  # stored once
+    torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=0)
+    assert result.report["params_after"] == sum(p.numel() for p in reloaded.parameters())
+
+
 def test_unsupported_architecture_fails_before_work(tokenizer):
     config = AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2, vocab_size=64)
     model = AutoModelForCausalLM.from_config(config)

@@ -94,15 +94,28 @@ def test_lora_run_end_to_end(tiny, tmp_path):
     answers = tmp_path / "answers.jsonl"
     check(swift("infer", "--adapters", str(checkpoint), "--val_dataset", str(questions), "--max_new_tokens", "8",
                 "--temperature", "0", "--result_path", str(answers), cwd=tmp_path))  # fmt: skip
-    assert isinstance(json.loads(answers.read_text().splitlines()[0])["response"], str)
+    response = json.loads(answers.read_text().splitlines()[0])["response"]
     merged = tmp_path / "merged"
     check(swift("export", "--adapters", str(checkpoint), "--merge_lora", "true", "--output_dir", str(merged),
                 cwd=tmp_path))  # fmt: skip
+    assert response == greedy_answer(merged, "What is 2 plus 3?", 8)  # swift infer = transformers, token for token
     model = AutoModelForCausalLM.from_pretrained(merged)
     assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4
     prompt = torch.tensor([[5, 6, 7, 8]])
     out_ids = model.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False, use_cache=True)
     assert out_ids.shape == (1, 9)
+
+
+def greedy_answer(model_dir: Path, question: str, new_tokens: int) -> str:
+    """transformers' greedy answer with the checkpoint's own chat template (ChatML, as swift's template)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)  # fmt: skip
+    out = model.generate(**prompt, max_new_tokens=new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def _pairs(named_grads: dict) -> dict:
@@ -144,8 +157,9 @@ def test_full_run_from_yaml_then_rerun_and_resume(tiny, tmp_path):
     questions.write_text(json.dumps({"messages": [{"role": "user", "content": "Spell stone backwards."}]}) + "\n")
     answers = tmp_path / "answers.jsonl"
     check(swift("infer", "--model", str(checkpoint), "--val_dataset", str(questions), "--max_new_tokens", "8",
-                "--result_path", str(answers), cwd=tmp_path))  # fmt: skip
-    assert answers.read_text().strip()
+                "--temperature", "0", "--result_path", str(answers), cwd=tmp_path))  # fmt: skip
+    response = json.loads(answers.read_text().splitlines()[0])["response"]
+    assert response == greedy_answer(checkpoint, "Spell stone backwards.", 8)
 
     # The same command again, resuming phase 2 from its step-4 checkpoint: phase 1 is not redone.
     proc = check(swift("sft", str(config_file), "--resume_from_checkpoint", str(first / "checkpoint-4"), cwd=tmp_path))
