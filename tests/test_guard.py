@@ -96,7 +96,8 @@ def test_guard_fires_on_a_damaging_prune_and_names_a_count_within_it(trained):
     model, accumulator = trained
     guard = batches(0)
     dense = reference.answer_loss(model, guard)
-    config = GradPruneConfig(prune_layers=4, merge_layers=1, benchmark=False, max_loss_increase=0.05)
+    config = GradPruneConfig(prune_layers=4, merge_layers=1, benchmark=False, max_loss_increase=0.05,
+                             score="squared")  # fmt: skip
     curve = brute_force_curve(model, accumulator, config, guard, range(1, 5))
     assert curve[4] > dense * 1.05  # removing 4 of 6 fitted layers is damage
     result = prune_model(copy.deepcopy(model), accumulator, config, guard=guard)
@@ -111,7 +112,8 @@ def test_guard_fires_on_a_damaging_prune_and_names_a_count_within_it(trained):
         assert report["suggestion"] == (max(within) if within else None)
     assert "threshold" in result.guard.message(4)
 
-    quiet = GradPruneConfig(prune_layers=4, merge_layers=1, benchmark=False, max_loss_increase=100.0)
+    quiet = GradPruneConfig(prune_layers=4, merge_layers=1, benchmark=False, max_loss_increase=100.0,
+                            score="squared")  # fmt: skip
     result = prune_model(copy.deepcopy(model), accumulator, quiet, guard=guard)
     assert result.report["quality_guard"]["ok"] is True and result.report["quality_guard"]["suggestion"] is None
 
@@ -123,7 +125,7 @@ def test_auto_keeps_the_largest_count_within_the_threshold(trained):
     curve = brute_force_curve(model, accumulator, GradPruneConfig(merge_layers=1), guard, range(1, 5))
     limit = sorted(curve.values())[1] / dense - 1  # a threshold between the curve's points
     config = GradPruneConfig(prune_layers="auto", prune_ratio=0.6, merge_layers=1, benchmark=False,
-                             max_loss_increase=limit)  # fmt: skip
+                             max_loss_increase=limit, score="squared")  # fmt: skip
     pruned = copy.deepcopy(model)
     result = prune_model(pruned, accumulator, config, guard=guard)
     chosen = len(result.plan.removed)
@@ -135,9 +137,11 @@ def test_auto_keeps_the_largest_count_within_the_threshold(trained):
 
     with pytest.raises(GuardError, match="even one layer"):
         prune_model(copy.deepcopy(model), accumulator, GradPruneConfig(
-            prune_layers="auto", merge_layers=0, benchmark=False, max_loss_increase=0.0), guard=batches(0))  # fmt: skip
+            prune_layers="auto", merge_layers=0, benchmark=False, max_loss_increase=0.0, score="squared"),
+            guard=batches(0))  # fmt: skip
     with pytest.raises(ValueError, match="held-out guard"):
-        prune_model(copy.deepcopy(model), accumulator, GradPruneConfig(prune_layers="auto", benchmark=False))
+        config = GradPruneConfig(prune_layers="auto", benchmark=False, score="squared")
+        prune_model(copy.deepcopy(model), accumulator, config)
 
 
 def test_auto_and_guard_options_are_checked():

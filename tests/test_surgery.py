@@ -57,7 +57,7 @@ def test_prune_save_reload_generate(arch, tokenizer, tmp_path):
     model = tiny(arch, tokenizer)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     steps = scaled_steps(model)
-    config = GradPruneConfig(prune_layers=3, merge_layers=1)
+    config = GradPruneConfig(prune_layers=3, merge_layers=1, score="squared")
     result = prune_model(model, accumulate(steps), config)
     assert result.plan.dropped == (1, 3) and dict(result.plan.merged) == {5: 4}
     assert model.config.num_hidden_layers == 3 and len(model.model.layers) == 3
@@ -117,7 +117,9 @@ def test_pruned_model_computes_the_original_with_layers_skipped(arch, tokenizer)
     """Reference: the unpruned model whose removed layers are bypassed by an identity hook."""
     model = tiny(arch, tokenizer)
     dense = tiny(arch, tokenizer)
-    result = prune_model(model, accumulate(scaled_steps(model)), GradPruneConfig(prune_layers=3, merge_layers=0))
+    result = prune_model(
+        model, accumulate(scaled_steps(model)), GradPruneConfig(prune_layers=3, merge_layers=0, score="squared")
+    )
     assert result.plan.removed == (1, 3, 5)
     for j in result.plan.removed:
         dense.model.layers[j].register_forward_hook(lambda mod, args, kwargs, out: args[0], with_kwargs=True)
@@ -140,8 +142,8 @@ def test_tied_embeddings_stay_tied_through_prune_save_reload(arch, tokenizer, tm
     must keep the tie (one tensor on disk, one after reload) and compute what the pruned model did."""
     model = build_model(arch, num_layers=6, vocab_size=len(tokenizer), seed=1, tie_word_embeddings=True).eval()
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    result = prune_model(model, accumulate(scaled_steps(model)), GradPruneConfig(prune_layers=3, merge_layers=1,
-                                                                                 benchmark=False))  # fmt: skip
+    config = GradPruneConfig(prune_layers=3, merge_layers=1, score="squared", benchmark=False)
+    result = prune_model(model, accumulate(scaled_steps(model)), config)
     expected = logits(model)
     out = save_pruned(model, result, tmp_path / "tied")
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -160,7 +162,7 @@ def test_unsupported_architecture_fails_before_work(tokenizer):
     config = AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2, vocab_size=64)
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(UnsupportedModelError, match="model_type 'gpt2'; supported: llama, mistral, qwen2, qwen3"):
-        prune_model(model, IGIAAccumulator(), GradPruneConfig(prune_layers=1, merge_layers=0))
+        prune_model(model, IGIAAccumulator(), GradPruneConfig(prune_layers=1, merge_layers=0, score="squared"))
 
 
 def test_pre_quantised_checkpoint_is_refused(tokenizer):
@@ -212,6 +214,8 @@ def test_failed_save_leaves_nothing_and_existing_output_is_kept(tokenizer, tmp_p
 
 def test_report_written_with_checkpoint(tokenizer, tmp_path):
     model = tiny("llama", tokenizer)
-    result = prune_model(model, accumulate(scaled_steps(model)), GradPruneConfig(prune_layers=2, merge_layers=1))
+    result = prune_model(
+        model, accumulate(scaled_steps(model)), GradPruneConfig(prune_layers=2, merge_layers=1, score="squared")
+    )
     out = save_pruned(model, result, tmp_path / "m")
     assert json.loads((out / REPORT_NAME).read_text()) == json.loads(json.dumps(result.report))

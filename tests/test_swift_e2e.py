@@ -394,3 +394,18 @@ def test_examples_yaml_are_valid_swift_and_gradprune_configs():
         unknown = set(config) - set(ours) - swift_fields - {"ENV"}
         assert not unknown, f"{file.name}: not swift arguments: {unknown}"
     assert (folder / "tiny_cpu.yaml").read_text() == TINY_CPU_YAML
+
+
+@pytest.mark.parametrize("name, merged", [("llama3_1_8b_lora", 3), ("llama3_1_8b_full", 3), ("mistral_7b_full", 2)])
+def test_paper_yaml_hold_the_papers_settings(name, merged):
+    """The paper-reproduction examples keep App. C.2's values and the paper's own ranking (Eq. 4),
+    whatever the plugin's defaults become."""
+    from swift_gradpruner.swift.args import parse_gradprune
+
+    config = yaml.safe_load((TESTS.parent / "examples" / "yaml" / f"{name}.yaml").read_text())
+    _, gradprune = parse_gradprune({k: str(v) for k, v in config.items() if k.startswith("gradprune")})
+    assert (gradprune.score, gradprune.prune_layers, gradprune.merge_layers) == ("squared", 13, merged)
+    assert (gradprune.topp, gradprune.merge_mode, gradprune.step_ratio) == (0.2, "add", 0.01)
+    assert float(config["learning_rate"]) == 1e-5 and config["num_train_epochs"] == 3
+    gpus = 8 if config.get("deepspeed") else 1  # the full-FT files are written for 8 GPUs
+    assert config["per_device_train_batch_size"] * config["gradient_accumulation_steps"] * gpus == 64
