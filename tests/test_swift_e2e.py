@@ -180,14 +180,14 @@ def test_full_run_from_yaml_then_rerun_and_resume(tiny, tmp_path):
 def test_auto_skip_loss_then_reprune_from_the_saved_phase_1(tiny, tmp_path):
     """prune_layers=auto: the largest count (up to prune_ratio's) within the guard's threshold, chosen
     by the removal-damage criterion on calibration rows. The same command with other pruning options
-    prunes again from the saved phase-1 state without training phase 1; a tight threshold warns and
-    still trains; `gradprune prune --state` re-prunes outside swift."""
+    prunes again from the saved phase-1 state without training phase 1 - also with a criterion that
+    needs calibration rows when phase 1 ran with one that did not (the paper's); a tight threshold
+    warns and still trains; `gradprune prune --state` re-prunes outside swift."""
     out = tmp_path / "runs"
     common = ["sft", "--model", str(tiny["llama"]), "--model_type", "llama", "--dataset", str(tiny["data"]), *COMMON,
               "--max_steps", "6", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
               "--save_steps", "6", "--gradprune", "true", "--gradprune_steps", "2", "--gradprune_benchmark", "false",
-              "--gradprune_score", "skip_loss", "--gradprune_calibration_rows", "8",
-              "--output_dir", str(out)]  # fmt: skip
+              "--gradprune_calibration_rows", "8", "--output_dir", str(out)]  # fmt: skip
     auto = [
         "--gradprune_prune_layers",
         "auto",
@@ -196,11 +196,11 @@ def test_auto_skip_loss_then_reprune_from_the_saved_phase_1(tiny, tmp_path):
         "--gradprune_max_loss_increase",
         "1e3",
     ]
-    proc = check(swift(*common, *auto, cwd=tmp_path))
+    proc = check(swift(*common, *auto, "--gradprune_score", "squared", cwd=tmp_path))
     first = run_dir(out)
     report = report_of(out)
     assert report["num_layers_before"] - report["num_layers_after"] == 3  # the ceiling: 50% of 6 layers
-    assert report["criterion"]["name"] == "skip_loss" and len(report["criterion"]["loss_after_removal"]) == 3
+    assert report["config"]["score"] == "squared"
     assert report["quality_guard"]["ok"] and "[GradPruner] WARNING" not in proc.output
     assert "[GradPruner] phase 1 done" in proc.output
     state = first / "gradprune" / "state"
@@ -208,9 +208,11 @@ def test_auto_skip_loss_then_reprune_from_the_saved_phase_1(tiny, tmp_path):
     assert len(list(state.glob("step-*.safetensors"))) == 2
 
     tight = ["--gradprune_prune_layers", "4", "--gradprune_merge_layers", "0", "--gradprune_max_loss_increase", "0"]
-    proc = check(swift(*common, *tight, cwd=tmp_path))
+    proc = check(swift(*common, *tight, cwd=tmp_path))  # the default, skip_loss
     second = run_dir(out)
     assert second != first and f"pruning from {state}" in proc.output
+    criterion = report_of(out)["criterion"]
+    assert criterion["name"] == "skip_loss" and len(criterion["loss_after_removal"]) == 4
     assert "[GradPruner] phase 1 done" not in proc.output and not (second / "gradprune" / "state").exists()
     guard = report_of(out)["quality_guard"]
     assert report_of(out)["num_layers_after"] == 2 and report_of(out)["phase1_key"] == report["phase1_key"]

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..config import GradPruneConfig
+from ..config import GradPruneConfig, GradPruneConfigError
 from ..importance import IGIAAccumulator, load_state, save_state
 from ..prune import prune_checkpoint
 from .callback import IGIACaptureCallback
@@ -80,9 +80,14 @@ def prune_from_state(args, config: GradPruneConfig, state_dir: Path, key: str, p
     """Rank 0 prunes the base model from the saved phase-1 state; every rank waits for it."""
     from swift.utils import get_logger, is_master
 
+    batches = load_batches(state_dir / BATCHES_FILE)  # small; every rank checks, so none waits on an error
+    if config.needs_calibration and not batches["calibration"]:
+        raise GradPruneConfigError(
+            f"--gradprune_score {config.score} runs the model on calibration rows and the saved phase 1 in "
+            f"{state_dir} has none (a streaming dataset): use --gradprune_score squared or norm"
+        )
     if is_master():
         info = json.loads((state_dir / PHASE1_FILE).read_text())
-        batches = load_batches(state_dir / BATCHES_FILE)
         extra = {key_: info[key_] for key_ in ("phase1", "source_model", "swift_settings")}
         extra.update(config_hash=key, phase1_key=info["phase1_key"], phase1_state=str(state_dir))
         swift_args = {"swift_version": swift_version(), "model": str(pruned_dir), **info["swift_args"],
@@ -189,13 +194,15 @@ def _phase1_pipeline_class():
             return train, val
 
         def train(self, trainer):
+            from datasets import Dataset
             from swift.utils import is_master
 
             if is_master():
                 batch = self.args.per_device_train_batch_size
                 if self.held_out is not None:
                     self.guard = encode_batches(self.template, list(self.held_out), batch)
-                if self.gradprune_config.needs_calibration:
+                # Saved whatever the score, so a re-prune from this state may use any criterion.
+                if isinstance(self.train_rows, Dataset):
                     rows = first_rows(self.train_rows, self.gradprune_config.calibration_rows, self.args.data_seed)
                     self.calibration = encode_batches(self.template, rows, batch)
             self.capture = IGIACaptureCallback(
