@@ -22,10 +22,10 @@ def test_demo_end_to_end_and_again(tmp_path):
     (run,) = (root / "output").glob("v*")
     pruned = run / "gradprune" / "model"
     report = json.loads((pruned / "gradprune_report.json").read_text())
-    # Defaults: 40% of the decoder-layer parameters -> 3 of the 8 layers (3.2 rounds to 3), 1 merged.
+    # Defaults: 40% of the decoder-layer parameters -> 3 of the 8 layers (3.2 rounds to 3), none merged.
     assert report["num_layers_before"] == 8 and report["num_layers_after"] == 5
     assert report["decoder_params_removed_fraction"] == pytest.approx(3 / 8)
-    assert len(report["merged_layers"]) == 1 and report["config"]["score"] == "skip_loss"
+    assert report["merged_layers"] == {} and report["config"]["score"] == "skip_loss"
     assert report["quality_guard"]["rows"] == 32
     assert AutoModelForCausalLM.from_pretrained(pruned).config.num_hidden_layers == 5
     assert (run / "checkpoint-150" / "adapter_model.safetensors").is_file()
