@@ -1,4 +1,5 @@
-"""GradPruneConfig: every GradPruner option, with the paper's defaults, validated up front.
+"""GradPruneConfig: every GradPruner option and its default, validated up front. Defaults are the
+paper's except where measurement argued otherwise (score, merge_layers: README "Accuracy").
 
 Field help texts are the reference documentation: the README table and the CLI help are built from
 them, so a default or a range is written down once, here.
