@@ -138,6 +138,7 @@ def test_full_run_from_yaml_then_rerun_and_resume(tiny, tmp_path):
         "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "logging_steps": 1,
         "output_dir": str(out), "gradprune": True, "gradprune_prune_ratio": 0.3, "gradprune_merge_layers": 1,
         "gradprune_steps": 3, "gradprune_merge_mode": "fisher", "gradprune_benchmark": False,
+        "gradprune_score": "squared",  # the paper's ranking: the merged layer has a retained one before it
     }  # fmt: skip
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(config))
