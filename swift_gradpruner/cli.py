@@ -35,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     models.add_argument("--out", help="folder to write (default: ~/.cache/swift_gradpruner/models/NAME)")
     _add_eval_parser(commands)
     _add_prune_parser(commands)
+    _add_bench_parser(commands)
     args = parser.parse_args(argv)
+
+    if args.command == "bench":
+        return _run_bench(args)
 
     if args.command == "prune":
         return _run_prune(args)
@@ -119,6 +123,42 @@ def _run_prune(args) -> int:
     plan = result.plan
     print(f"pruned: {plan.num_layers} -> {len(plan.kept)} layers, removed {list(plan.removed)}, merged "
           f"{dict(plan.merged)}; saved to {args.out}")  # fmt: skip
+    return 0
+
+
+def _add_bench_parser(commands) -> None:
+    b = commands.add_parser(
+        "bench",
+        help="dense vs pruned, side by side: training steps, inference, parameters and FLOPs (paper Table 2)",
+        description="Alternating dense/pruned rounds after a warm-up; medians with the per-round spread. Writes "
+        "OUTPUT/bench.json, bench.md (pruned as %% of dense) and bench.png.",
+    )
+    b.add_argument("dense", help="the dense model folder")
+    b.add_argument("pruned", help="its pruned version (e.g. <output_dir>/v*/gradprune/model)")
+    b.add_argument("--output", required=True, help="folder for bench.json, bench.md, bench.png")
+    b.add_argument("--backend", default="vllm", help="inference engine: vllm (default) or transformers")
+    b.add_argument("--train", default="lora,full", help="fine-tuning kinds to time: lora,full, one, or none")
+    b.add_argument("--rounds", type=int, default=5, help="measured rounds per model (default: %(default)s)")
+    b.add_argument("--batch", type=int, default=4, help="training batch (default: %(default)s)")
+    b.add_argument("--seq", type=int, default=256, help="training sequence length (default: %(default)s)")
+    b.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, else float32), float32, bfloat16")
+
+
+def _run_bench(args) -> int:
+    from .bench.run import BenchError, BenchSettings, check_inputs, run_bench
+
+    train = tuple(m.strip() for m in args.train.split(",") if m.strip() and m.strip() != "none")
+    settings = BenchSettings(backend=args.backend, train=train, rounds=args.rounds, batch=args.batch, seq=args.seq,
+                             dtype=args.dtype)  # fmt: skip
+    try:
+        check_inputs(args.dense, args.pruned, settings)
+    except BenchError as error:
+        print(f"gradprune bench: error: {error}", file=sys.stderr)
+        return 2
+    results = run_bench(args.dense, args.pruned, args.output, settings)
+    from .bench.table import markdown
+
+    print(markdown(results))
     return 0
 
 

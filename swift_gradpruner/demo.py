@@ -99,10 +99,10 @@ def run_demo(root: str | Path = "gradprune_demo") -> int:
           f"{report['params_before']:,} -> {report['params_after']:,} parameters)")  # fmt: skip
     print(f"  dropped / merged : {report['dropped_layers']} / {report['merged_layers']} (removed layer -> target)")
     print(f"  report, plot     : {pruned / 'gradprune_report.json'}, {pruned / 'gradprune_layer_scores.png'}")
-    timing = report.get("inference_benchmark", {})
-    if "prefill_speedup" in timing:
-        print(f"  speed-up on {timing['device']}: prefill {timing['prefill_speedup']:.2f}x, "
-              f"generation {timing['generate_speedup']:.2f}x (dense / pruned time)")  # fmt: skip
+    if "inference_benchmark" in report:
+        from .bench.inference import describe
+
+        print(f"  {describe(report['inference_benchmark'])}")
     print(f"  phase-2 adapter  : {checkpoint}")
     for line in answers.read_text().splitlines():
         row = json.loads(line)

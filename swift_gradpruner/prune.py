@@ -15,15 +15,16 @@ from torch import nn
 
 from . import __version__
 from .architecture import LAYERS_PREFIX, parameter_counts
+from .bench.inference import REPORT_WORKLOADS, TransformersEngine, Workload, compare_inference
 from .config import IGIA_SCORES, GradPruneConfig
 from .criteria import Batch, mean_loss, removed_layers
 from .guard import GuardError, GuardReport, largest_within, loss_with_plan
 from .importance import IGIAAccumulator, layer_scores
-from .inference_timing import compare, time_on_device
 from .merge import merge_removed_layers
 from .report import PLOT_NAME, REPORT_NAME, plot_layer_scores, write_json
 from .selection import LayerPlan, layers_to_remove, plan_layers, plan_removal
-from .surgery import remove_layers, save_checkpoint
+from .serving import vllm_refusal
+from .surgery import Snapshot, remove_layers, save_checkpoint
 
 
 @dataclass
@@ -89,21 +90,16 @@ def prune_model(
         remove, guard_report = _layer_count(model, config, per_layer, total_before, plan_for, igia, guard)
         plan = plan_for(remove)
     criterion = plans[remove][1]
-    timing_device = device if device is not None else next(model.parameters()).device
-    dense = None
-    if config.benchmark:
-        with stage(f"timing the dense model on {torch.device(timing_device).type}"):
-            dense = time_on_device(model, timing_device)
+    snapshot = Snapshot(model, weights_of=sorted(set(plan.merged.values()))) if config.benchmark else None
     with stage(f"merging {len(plan.merged)} and removing {len(plan.removed)} of {len(per_layer)} layers"):
         fractions = merge_removed_layers(model, plan, igia, config)
         remove_layers(model, plan.removed)
     _, total_after = parameter_counts(model)
     timing = {}
-    if dense is not None:
-        with stage(f"timing the pruned model on {torch.device(timing_device).type}"):
-            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-            pruned = time_on_device(model, timing_device)
-        timing["inference_benchmark"] = compare(dense, pruned, torch.device(timing_device).type, dtype)
+    if snapshot is not None:
+        with stage(f"timing dense vs pruned on {next(model.parameters()).device.type} (alternating rounds)"):
+            timing["inference_benchmark"] = time_dense_vs_pruned(model, snapshot)
+        del snapshot  # the removed layers go with it
     report = {
         "gradprune_version": __version__,
         "model_type": model.config.model_type,
@@ -127,9 +123,34 @@ def prune_model(
         "factor_store_bytes": accumulator.factor_bytes,
         **timing,
         **({"quality_guard": guard_report.to_dict()} if guard_report else {}),
+        **({"vllm_unsupported": refusal} if (refusal := vllm_refusal(model.config)) else {}),
         **(extra or {}),
     }
     return PruneResult(plan=plan, report=report, guard=guard_report)
+
+
+def time_dense_vs_pruned(model: nn.Module, dense: Snapshot, rounds: int = 5) -> dict[str, Any]:
+    """The report's inference benchmark: ``gradprune bench``'s transformers measurement (bench/) of
+    the pruned ``model`` and of its ``dense`` snapshot, in alternating rounds on the model's device.
+
+    Skipped, with the reason, on a CPU-resident model when a GPU exists (the dense model did not fit).
+    """
+    device = next(model.parameters()).device
+    entry: dict[str, Any] = {"device": device.type, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                             "backend": "transformers"}  # fmt: skip
+    if device.type == "cpu" and torch.cuda.is_available():
+        entry["skipped"] = "the dense model did not fit on one GPU; time it with gradprune bench on a larger device"
+        return entry
+    engine = TransformersEngine(model)
+
+    def run_dense(workload: Workload) -> float:
+        with dense.restored():
+            return engine.run(workload)
+
+    limit = getattr(model.config, "max_position_embeddings", None)
+    workloads = [w.fitted(limit) for w in REPORT_WORKLOADS]
+    entry["workloads"] = compare_inference(run_dense, engine.run, workloads, rounds=rounds)
+    return entry
 
 
 def _stages(log: Callable[[str], None] | None):
@@ -229,6 +250,8 @@ def prune_checkpoint(model_dir: str | os.PathLike, accumulator: IGIAAccumulator,
                          log=log)  # fmt: skip
     if result.guard is not None and not result.guard.ok:
         warn(f"[GradPruner] WARNING: {result.guard.message(len(result.plan.removed))}")
+    if "vllm_unsupported" in result.report:
+        warn(f"[GradPruner] WARNING: vLLM cannot serve the pruned model: {result.report['vllm_unsupported']}")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     log(f"[GradPruner] saving the pruned model to {out_dir} ...")
     save_pruned(model, result, out_dir, tokenizer=tokenizer, overwrite=True, extra_files={"args.json": swift_args})

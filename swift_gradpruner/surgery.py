@@ -21,6 +21,8 @@ from torch import nn
 
 from .architecture import decoder_layers
 
+_LAYER_CONFIG_KEYS = ("num_hidden_layers", "layer_types", "max_window_layers")
+
 
 def remove_layers(model: nn.Module, removed: Sequence[int]) -> None:
     """Delete decoder layers in place and make config and ``layer_idx`` agree with what is left."""
@@ -30,13 +32,7 @@ def remove_layers(model: nn.Module, removed: Sequence[int]) -> None:
     if not kept:
         raise ValueError("cannot remove every decoder layer")
     _prune_config(model.config, kept)
-    model.model.layers = nn.ModuleList(layers[j] for j in kept)
-    for new_index, layer in enumerate(model.model.layers):
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_index
-    if hasattr(model.model, "has_sliding_layers"):
-        model.model.has_sliding_layers = "sliding_attention" in model.config.layer_types
+    _install(model, [layers[j] for j in kept], {})
 
 
 @contextmanager
@@ -64,6 +60,55 @@ def layers_view(model: nn.Module, kept: Sequence[int]) -> Iterator[nn.Module]:
             setattr(config, key, value)
         if sliding is not None:
             model.model.has_sliding_layers = sliding
+
+
+class Snapshot:
+    """The model's decoder layers, their config entries and some layers' weights as they are now, so
+    that the model can be run that way again after surgery (the per-run dense-vs-pruned timing).
+
+    Layers are held by reference: removed layers stay in memory as long as the snapshot lives, and
+    only the weights of ``weights_of`` (the merge targets, which the merge changes in place) are copied.
+    """
+
+    def __init__(self, model: nn.Module, weights_of: Sequence[int] = ()) -> None:
+        self.model = model
+        self.layers = list(decoder_layers(model))
+        self.config = _layer_config(model.config)
+        self.weights = {p: p.detach().clone() for j in weights_of for p in self.layers[j].parameters()}
+
+    @contextmanager
+    def restored(self) -> Iterator[nn.Module]:
+        """Run the model as it was when the snapshot was taken; back to its current state on exit."""
+        now_layers, now_config = list(decoder_layers(self.model)), _layer_config(self.model.config)
+        _install(self.model, self.layers, self.config)
+        self._swap_weights()
+        try:
+            yield self.model
+        finally:
+            self._swap_weights()
+            _install(self.model, now_layers, now_config)
+
+    def _swap_weights(self) -> None:
+        for param, other in self.weights.items():
+            self.weights[param], param.data = param.data, other
+
+
+def _layer_config(config) -> dict:
+    values = {k: getattr(config, k) for k in _LAYER_CONFIG_KEYS if getattr(config, k, None) is not None}
+    return {k: list(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def _install(model: nn.Module, layers: list[nn.Module], values: dict) -> None:
+    """Make ``layers`` the model's decoder layers, numbered 0..n-1 for the KV cache, with their config."""
+    for key, value in values.items():
+        setattr(model.config, key, value)
+    model.model.layers = nn.ModuleList(layers)
+    for index, layer in enumerate(layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = index
+    if hasattr(model.model, "has_sliding_layers"):
+        model.model.has_sliding_layers = "sliding_attention" in (model.config.layer_types or [])
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:

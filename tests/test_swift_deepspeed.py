@@ -69,7 +69,7 @@ def test_zero2_zero3_and_two_rank_runs_match_a_plain_run(runs, tmp_path):
     assert two["phase1"]["world_size"] == 2
     assert_same_scores(two, plain)
     # Rank 0 timed dense vs pruned generation alone while rank 1 waited (no ZeRO-3 lockstep).
-    assert two["inference_benchmark"]["pruned"]["new_tokens"] == 32
+    assert two["inference_benchmark"]["workloads"]["decode"]["workload"]["new_tokens"] == 32
 
 
 def zero3_config_for_cpu(folder: Path) -> Path:

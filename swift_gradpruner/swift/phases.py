@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..bench.inference import describe
 from ..config import GradPruneConfig, GradPruneConfigError
 from ..importance import IGIAAccumulator, load_state, save_state
 from ..prune import prune_checkpoint
@@ -154,12 +155,8 @@ def summary(report: dict[str, Any]) -> str:
             f"; loss on {guard['rows']} held-out rows {guard['dense_loss']:.3f} dense -> {guard['pruned_loss']:.3f} "
             f"pruned ({guard['increase']:+.0%}{verdict})"
         )
-    timing = report.get("inference_benchmark", {})
-    if "prefill_speedup" in timing:
-        text += (
-            f"; inference on {timing['device']}: prefill {timing['prefill_speedup']:.2f}x, "
-            f"generation {timing['generate_speedup']:.2f}x faster than dense"
-        )
+    if "inference_benchmark" in report:
+        text += f"; {describe(report['inference_benchmark'])}"
     return text
 
 

@@ -1,0 +1,1 @@
+"""`gradprune bench` and the per-run dense-vs-pruned timing: training steps, inference, parameters and FLOPs."""

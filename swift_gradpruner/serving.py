@@ -1,0 +1,28 @@
+"""What a pruned checkpoint needs from a serving engine, checked before anyone tries to serve it.
+
+Pruning keeps each retained layer's attention type (``layer_types`` follows the selection, see
+surgery.py), so a checkpoint whose layers mix sliding-window and full attention stays mixed, as the
+dense model was. vLLM's Qwen2 model (which Qwen3 reuses) refuses such a config ("Sliding window for
+some but all layers is not supported"); transformers and ``swift infer --infer_backend pt`` serve
+it. Rewriting the attention types would change what the model computes, so the product keeps the
+checkpoint as it is and says so in the report and the log.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# model_type values whose vLLM implementation asserts that sliding windows cover all layers or none.
+VLLM_ALL_OR_NONE_SLIDING = frozenset({"qwen2", "qwen3"})
+
+
+def vllm_refusal(config: Any) -> str | None:
+    """Why vLLM will not load a checkpoint with this config, or None when nothing known stops it."""
+    kinds = set(getattr(config, "layer_types", None) or [])
+    if getattr(config, "model_type", None) in VLLM_ALL_OR_NONE_SLIDING and len(kinds) > 1:
+        return (
+            f"its layer_types mix {' and '.join(sorted(kinds))} layers, which vLLM's {config.model_type} does not "
+            "support (sliding window must cover all layers or none); the dense model had the same mix. "
+            "Serve it with transformers or `swift infer --infer_backend pt`"
+        )
+    return None
