@@ -1,11 +1,8 @@
-"""Training-step cost of GradPruner, measured side by side in one run on one Llama-shaped model.
+"""Phase-1 capture overhead of GradPruner, measured side by side in one run on one Llama-shaped model.
 
-1. Phase-1 capture overhead: LoRA (r=8, all linears) optimizer steps with and without the per-step
-   IGIA capture (reading every gA/gB, the Gram-trick update and the CPU copy of the factors, i.e.
-   what IGIACaptureCallback does), interleaved step by step. Goal: ratio <= 1.05.
-2. Phase-2 speed: optimizer steps of the dense model and of the model with 13 of its 32 layers
-   removed (the paper's Llama-3.1-8B ratio), for full fine-tuning and for LoRA, interleaved.
-   Goal: ratio close to the remaining-FLOP fraction.
+LoRA (r=8, all linears) optimizer steps with and without the per-step IGIA capture (reading every
+gA/gB, the Gram-trick update and the CPU copy of the factors, i.e. what IGIACaptureCallback does),
+interleaved step by step. Goal: ratio <= 1.05. (Phase-2 speed, dense vs pruned: `gradprune bench`.)
 
     python benchmarks/bench_train_steps.py [--hidden 256] [--layers 32] [--seq 128] [--batch 8] [--steps 8]
 """
@@ -21,7 +18,6 @@ import torch
 
 from swift_gradpruner.capture import lora_pairs, read_lora_grads
 from swift_gradpruner.importance import IGIAAccumulator
-from swift_gradpruner.surgery import remove_layers
 from swift_gradpruner.tiny import build_model
 
 
@@ -66,7 +62,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--remove", type=int, default=13)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8)
@@ -79,7 +74,6 @@ def main() -> None:
           f"{sum(p.numel() for p in dense.parameters()) / 1e6:.1f}M parameters; batch {args.batch} x {args.seq} "
           f"tokens; {torch.get_num_threads()} threads; median of {args.steps} interleaved steps")  # fmt: skip
 
-    # 1. Capture overhead in phase 1.
     model = lora(copy.deepcopy(dense))
     pairs, accumulator = lora_pairs(model), IGIAAccumulator()
     optimizer = optimizer_of(model)
@@ -94,23 +88,6 @@ def main() -> None:
         f"ratio {t['capture'] / t['plain']:.3f} (goal <= 1.05); {len(pairs)} linears, "
         f"{accumulator.factor_bytes / max(accumulator.counts.used, 1) / 2**20:.2f} MiB of factors per step"
     )
-
-    # 2. Phase-2 step time, pruned vs dense.
-    pruned = copy.deepcopy(dense)
-    remove_layers(pruned, list(range(args.layers - args.remove, args.layers)))
-    layer_params = sum(p.numel() for p in dense.model.layers[0].parameters())
-    head = dense.lm_head.weight.numel()
-    flops_fraction = ((args.layers - args.remove) * layer_params + head) / (args.layers * layer_params + head)
-    for kind in ("full", "lora"):
-        d = lora(copy.deepcopy(dense)) if kind == "lora" else copy.deepcopy(dense)
-        p = lora(copy.deepcopy(pruned)) if kind == "lora" else copy.deepcopy(pruned)
-        t = interleave({"dense": (d, optimizer_of(d), batch, None), "pruned": (p, optimizer_of(p), batch, None)},
-                       args.steps)  # fmt: skip
-        print(
-            f"phase 2 ({kind}): dense {t['dense'] * 1e3:.1f} ms, pruned {t['pruned'] * 1e3:.1f} ms per step, "
-            f"ratio {t['pruned'] / t['dense']:.3f} (remaining-FLOP fraction {flops_fraction:.3f}, "
-            f"{args.remove} of {args.layers} layers removed)"
-        )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@ measurement and its wording, the dense snapshot, the command's outputs and its o
 
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -167,3 +170,29 @@ def test_bench_says_how_to_install_vllm_when_it_is_missing(models, tmp_path, cap
     assert main(["bench", str(models / "dense"), str(models / "pruned"), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "vLLM is not installed" in err and "--backend transformers" in err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (EXTRAS=vllm setup.sh)")
+def test_bench_with_vllm_times_both_models_in_alternating_rounds(tmp_path):
+    """Tiny Llama with head_dim 64 (vLLM's CPU attention refuses 16), 2 of 4 layers removed, in a
+    subprocess as a user runs it (vLLM spawns its engine processes)."""
+    tokenizer = build_tokenizer()
+    model = build_model("llama", num_layers=4, vocab_size=len(tokenizer), hidden=128, heads=2, kv_heads=1,
+                        intermediate=256)  # fmt: skip
+    save_checkpoint(model, tmp_path / "dense", tokenizer=tokenizer)
+    remove_layers(model, [1, 2])
+    save_checkpoint(model, tmp_path / "pruned", tokenizer=tokenizer)
+    proc = subprocess.run(
+        [sys.executable, "-m", "swift_gradpruner.cli", "bench", str(tmp_path / "dense"), str(tmp_path / "pruned"),
+         "--output", str(tmp_path / "out"), "--backend", "vllm", "--train", "none", "--rounds", "3"],
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    results = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert results["inference"]["backend"] == "vllm" and results["training"] == {}
+    for name, entry in results["inference"]["workloads"].items():
+        assert len(entry["dense"]["values"]) == len(entry["pruned"]["values"]) == 3, name
+        assert entry["dense_tokens_per_s"] > 0 and entry["pruned_tokens_per_s"] > 0
+    assert "| Pruned | 5" in (tmp_path / "out" / "bench.md").read_text()  # parameters: 5x.x% of dense
