@@ -54,8 +54,8 @@ def prune_model(
     (guard.py; needed by ``prune_layers='auto'``); its measurements go to ``report['quality_guard']``
     and ``PruneResult.guard``. ``criterion_cache`` keeps their measurements for another call on
     the same unpruned model and batches (see ``criteria.removed_layers``). ``device`` is where IGIA
-    matrices are rebuilt and merged (default: CPU) and, with ``config.benchmark``, where the dense and
-    the pruned model are timed (default: the model's own device). ``extra`` is copied into the report
+    matrices are rebuilt and merged (default: CPU); with ``config.benchmark`` the dense and the pruned
+    model are timed where the model is (``time_dense_vs_pruned``). ``extra`` is copied into the report
     (e.g. the phase-1 settings of a swift run). ``log`` receives a line as each stage starts and ends.
     """
     stage = _stages(log)
