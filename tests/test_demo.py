@@ -33,7 +33,7 @@ def test_demo_end_to_end_and_again(tmp_path):
     assert len(answers) == 3 and all(isinstance(a["response"], str) for a in answers)
     assert f"pruned model     : {pruned.relative_to(tmp_path)}" in proc.stdout
     assert "A: " in proc.stdout
-    assert "speed-up on cpu: prefill" in proc.stdout
+    assert "inference on cpu (transformers, float32): decode time: pruned" in proc.stdout
 
     # The README command run a second time: phase 1 is reused, phase 2 runs again in a new folder.
     again = _demo(tmp_path)
