@@ -144,8 +144,12 @@ def _bad(tmp_path, models):
     data = json.loads((retok / "tokenizer.json").read_text())
     data["model"]["vocab"]["zzz"] = data["model"]["vocab"].pop(next(iter(data["model"]["vocab"])))
     (retok / "tokenizer.json").write_text(json.dumps(data))
+    adapter = tmp_path / "checkpoint-4"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
     return {
         "empty": ([str(tmp_path), str(models / "pruned")], "is not a model folder (no config.json)"),
+        "adapter": ([str(models / "dense"), str(adapter)], "is a LoRA adapter: merge it first (swift export"),
         "arch": ([str(models / "dense"), str(other)], "the models differ in model_type"),
         "tokenizer": ([str(models / "dense"), str(retok)], "different tokenizers (tokenizer.json"),
         "backend": ([str(models / "dense"), str(models / "pruned"), "--backend", "onnx"], "--backend 'onnx'"),
@@ -154,7 +158,7 @@ def _bad(tmp_path, models):
     }
 
 
-@pytest.mark.parametrize("case", ["empty", "arch", "tokenizer", "backend", "rounds", "train"])
+@pytest.mark.parametrize("case", ["empty", "adapter", "arch", "tokenizer", "backend", "rounds", "train"])
 def test_bench_bad_input_fails_with_one_line_before_any_work(case, models, tmp_path, capsys):
     args, message = _bad(tmp_path, models)[case]
     capsys.readouterr()  # saving the models above printed progress bars

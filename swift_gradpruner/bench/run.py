@@ -64,6 +64,9 @@ def check_inputs(dense_dir: str | os.PathLike, pruned_dir: str | os.PathLike, se
         raise BenchError(f"--dtype {settings.dtype!r}: choose auto, float32, bfloat16 or float16")
     configs = []
     for name, path in (("dense", dense_dir), ("pruned", pruned_dir)):
+        if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
+            raise BenchError(f"{name} model {str(path)!r} is a LoRA adapter: merge it first (swift export "
+                             f"--adapters {path} --merge_lora true) and pass the merged folder")  # fmt: skip
         if not (Path(path) / "config.json").is_file():
             raise BenchError(f"{name} model {str(path)!r} is not a model folder (no config.json)")
         try:
