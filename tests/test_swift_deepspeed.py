@@ -28,16 +28,17 @@ def runs(tmp_path_factory):
 
     def run(name: str, *extra: str, batch: int = 2, accumulation: int = 2, env: dict | None = None) -> dict:
         out = root / name
-        check(swift(
+        run.outputs[name] = check(swift(
             "sft", "--model", str(model), "--model_type", "llama", "--dataset", str(data), *COMMON,
             "--tuner_type", "lora", "--lora_dropout", "0", "--max_steps", "6", "--save_steps", "6",
             "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation),
             "--output_dir", str(out), "--gradprune", "true", "--gradprune_prune_layers", "2",
             "--gradprune_merge_layers", "1", "--gradprune_steps", "4", *extra,
             cwd=root, env={"NPROC_PER_NODE": "1", **(env or {})},
-        ))  # fmt: skip
+        )).output  # fmt: skip
         return report_of(out)
 
+    run.outputs = {}
     return run
 
 
@@ -55,10 +56,13 @@ def assert_same_scores(report: dict, expected: dict) -> None:
 def test_zero2_zero3_and_two_rank_runs_match_a_plain_run(runs, tmp_path):
     plain = runs("plain")
     assert plain["phase1"]["deepspeed"] is False
+    released = "[GradPruner] phase 1 released its trainer, model, optimizer, lr scheduler"
+    assert released in runs.outputs["plain"]
     for stage in ("zero2", "zero3"):
         report = runs(stage, "--deepspeed", stage)
         assert report["phase1"]["deepspeed"] is True
         assert_same_scores(report, plain)
+        assert f"{released}, DeepSpeed engine" in runs.outputs[stage]  # no live engine or optimizer
     # Two ranks with accumulation 1 see, per optimizer step, the same 4 rows as one rank with 2; only
     # here are gradients (ZeRO-2) and parameters (ZeRO-3) really split across ranks.
     two = runs("zero2_dp2", "--deepspeed", "zero2", "--use_cpu", "true", accumulation=1, env={"NPROC_PER_NODE": "2"})

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import json
 import shutil
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +62,36 @@ def run_phase1(argv: list[str], args, config: GradPruneConfig, key: str, state_d
         (building / PHASE1_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         shutil.rmtree(state_dir, ignore_errors=True)
         building.rename(state_dir)
+    refs = phase1.training_objects
     del phase1, capture, accumulator
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    alive = [name for name, ref in refs.items() if ref() is not None]
+    if alive:
+        logger.warning(f"[GradPruner] phase 1 left {', '.join(alive)} alive: their memory is not handed back "
+                       "before phase 2")  # fmt: skip
+    else:
+        logger.info(f"[GradPruner] phase 1 released its {', '.join(refs)}{_cuda_memory()}")
     barrier()
+
+
+def training_objects(trainer) -> dict[str, weakref.ref]:
+    """Weak references to what holds phase 1's memory: the trainer, its model, optimizer and engine."""
+    objects = {
+        "trainer": trainer,
+        "model": trainer.model,
+        "optimizer": trainer.optimizer,
+        "lr scheduler": trainer.lr_scheduler,
+        "DeepSpeed engine": getattr(trainer, "deepspeed", None),
+    }
+    return {name: weakref.ref(obj) for name, obj in objects.items() if obj is not None}
+
+
+def _cuda_memory() -> str:
+    if not torch.cuda.is_available():
+        return ""
+    return f" (CUDA memory allocated now: {torch.cuda.memory_allocated() / 2**20:.0f} MiB)"
 
 
 def discard_phase1(state_dir: Path) -> None:
@@ -174,6 +200,7 @@ def _phase1_pipeline_class():
             self.train_rows = None
             self.guard: list | None = None
             self.calibration: list | None = None
+            self.training_objects: dict[str, weakref.ref] = {}
             super().__init__(args)
 
         def _get_dataset(self):
@@ -210,5 +237,6 @@ def _phase1_pipeline_class():
                 return super().train(trainer)
             finally:
                 self.capture.trainer = None
+                self.training_objects = training_objects(trainer)
 
     return GradPrunePhase1
