@@ -18,7 +18,7 @@ elements: ``add`` sums them, ``average`` and ``fisher`` weight every participati
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -90,6 +90,42 @@ def merge_linear(
     return merged.to(retained.dtype), fractions
 
 
+def merge_into(
+    target: int,
+    weights: Mapping[str, torch.Tensor],
+    sources: Sequence[int],
+    source_weight: Callable[[int, str], torch.Tensor],
+    igia: Callable[[str], torch.Tensor | None],
+    config: GradPruneConfig,
+) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, float]]]:
+    """Eq. 5 for one retained layer ``target``: its linear ``weights`` (by name in the layer, e.g.
+    ``mlp.up_proj``) merged with those of the removed layers ``sources`` (``source_weight(j, name)``).
+
+    Returns the merged weights (only linears something was merged into) and, per source, the
+    fraction of each linear's elements merged. Shared by the in-memory and the streaming surgery.
+    """
+    merged_weights: dict[str, torch.Tensor] = {}
+    fractions: dict[int, dict[str, float]] = {source: {} for source in sources}
+    for suffix, weight in weights.items():
+        own = igia(f"{LAYERS_PREFIX}{target}.{suffix}") if config.merge_mode == "fisher" else None
+        if config.merge_mode == "fisher" and own is None:
+            continue
+        pairs, merged_from = [], []
+        for source in sources:
+            importance = igia(f"{LAYERS_PREFIX}{source}.{suffix}")
+            if importance is not None:
+                pairs.append((source_weight(source, suffix), importance))
+                merged_from.append(source)
+        if not pairs:
+            continue
+        merged_weights[suffix], shares = merge_linear(
+            weight, pairs, topp=config.topp, mode=config.merge_mode, retained_importance=own
+        )
+        for source, share in zip(merged_from, shares):
+            fractions[source][suffix] = share
+    return merged_weights, fractions
+
+
 def merge_removed_layers(
     model: nn.Module,
     plan: LayerPlan,
@@ -103,28 +139,22 @@ def merge_removed_layers(
     not merged. Returns, per merged layer, the fraction of each linear's elements that were merged.
     """
     layers = decoder_layers(model)
-    fractions: dict[int, dict[str, float]] = {source: {} for source in plan.merged}
+    fractions: dict[int, dict[str, float]] = {}
+    for target, sources in sorted(merge_targets(plan).items()):
+        modules = linears(layers[target])
+        weights = {suffix: linear.weight for suffix, linear in modules.items()}
+        merged, shares = merge_into(target, weights, sources, lambda j, suffix: linears(layers[j])[suffix].weight,
+                                    igia, config)  # fmt: skip
+        with torch.no_grad():
+            for suffix, weight in merged.items():
+                modules[suffix].weight.copy_(weight)
+        fractions.update(shares)
+    return {source: fractions[source] for source in plan.merged}
+
+
+def merge_targets(plan: LayerPlan) -> dict[int, list[int]]:
+    """Each retained layer that receives merges, with the removed layers merged into it."""
     targets: dict[int, list[int]] = {}
     for source, target in plan.merged.items():
         targets.setdefault(target, []).append(source)
-    for target, sources in sorted(targets.items()):
-        for suffix, linear in linears(layers[target]).items():
-            own = igia(f"{LAYERS_PREFIX}{target}.{suffix}") if config.merge_mode == "fisher" else None
-            if config.merge_mode == "fisher" and own is None:
-                continue
-            pairs, merged_from = [], []
-            for source in sources:
-                importance = igia(f"{LAYERS_PREFIX}{source}.{suffix}")
-                if importance is not None:
-                    pairs.append((linears(layers[source])[suffix].weight, importance))
-                    merged_from.append(source)
-            if not pairs:
-                continue
-            merged, shares = merge_linear(
-                linear.weight, pairs, topp=config.topp, mode=config.merge_mode, retained_importance=own
-            )
-            with torch.no_grad():
-                linear.weight.copy_(merged)
-            for source, share in zip(merged_from, shares):
-                fractions[source][suffix] = share
-    return fractions
+    return targets

@@ -31,7 +31,7 @@ def remove_layers(model: nn.Module, removed: Sequence[int]) -> None:
     kept = [j for j in range(len(layers)) if j not in gone]
     if not kept:
         raise ValueError("cannot remove every decoder layer")
-    _prune_config(model.config, kept)
+    prune_config(model.config, kept)
     _install(model, [layers[j] for j in kept], {})
 
 
@@ -48,7 +48,7 @@ def layers_view(model: nn.Module, kept: Sequence[int]) -> Iterator[nn.Module]:
         k: getattr(config, k) for k in ("num_hidden_layers", "layer_types", "max_window_layers") if hasattr(config, k)
     }
     sliding = getattr(model.model, "has_sliding_layers", None)
-    _prune_config(config, list(kept))
+    prune_config(config, list(kept))
     model.model.layers = nn.ModuleList(layers[j] for j in kept)
     if sliding is not None:
         model.model.has_sliding_layers = "sliding_attention" in config.layer_types
@@ -129,20 +129,30 @@ def save_checkpoint(
     overwrite: bool = False,
     extra_files: Mapping[str, Callable[[Path], None]] | None = None,
 ) -> Path:
-    """Write a plain HF checkpoint atomically: into a temporary sibling directory, then renamed.
+    """Write a plain HF checkpoint atomically (``atomic_dir``).
 
-    ``extra_files`` maps a file name to a writer called with its path (e.g. the report). If
-    anything fails, nothing is left at ``out_dir`` (an old directory there is kept as it was).
+    ``extra_files`` maps a file name to a writer called with its path (e.g. the report).
     """
-    out_dir = check_output_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, write in (extra_files or {}).items():
             write(tmp / name)
+    return Path(out_dir)
+
+
+@contextmanager
+def atomic_dir(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling folder to fill, renamed to ``out_dir`` when the block succeeds.
+
+    If anything fails, nothing is left at ``out_dir`` (an old directory there is kept as it was).
+    """
+    out_dir = check_output_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700: a server running as another user could not read it
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
@@ -158,10 +168,10 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
-def _prune_config(config, kept: list[int]) -> None:
+def prune_config(config, kept: list[int]) -> None:
+    """Per-layer config entries (``layer_types``, Qwen's ``max_window_layers``) for the layers ``kept``."""
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         config.layer_types = [layer_types[j] for j in kept]

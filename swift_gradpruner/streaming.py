@@ -1,0 +1,190 @@
+"""Layer surgery on the checkpoint files, one decoder layer at a time: for models too big to load.
+
+The in-memory path (prune.py) loads the whole model (140 GB for a 70B model in bf16). Here the
+safetensors shards are read lazily (``safe_open``) one group at a time - one tensor outside the
+decoder layers, or one kept decoder layer plus, for a merge target, the linears of the layers merged
+into it - the merge (Eq. 5, ``merge.merge_into``, the same code as in memory) is applied, the keys
+of kept layers are renumbered 0..L'-1, and the tensors go to new shards (at most ``max_shard_bytes``
+each, or one layer when a layer is bigger) with an index. Peak host memory is about one shard.
+Config and the other files (tokenizer, generation config, chat template) follow; the result is the
+same checkpoint the in-memory path writes (tested bit for bit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from .architecture import LAYERS_PREFIX
+from .config import GradPruneConfig
+from .merge import merge_into, merge_targets
+from .selection import LayerPlan
+from .surgery import atomic_dir, prune_config
+
+INDEX_NAME = "model.safetensors.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
+_LAYER_KEY = re.compile(rf"^{re.escape(LAYERS_PREFIX)}(\d+)\.(.+)$")
+
+
+def weight_files(model_dir: str | os.PathLike) -> dict[str, Path]:
+    """Each tensor name of a safetensors checkpoint with the shard file holding it."""
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {key: model_dir / name for key, name in weight_map.items()}
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{model_dir} has no model.safetensors or {INDEX_NAME}")
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def stream_prune(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    plan: LayerPlan,
+    igia: Callable[[str], torch.Tensor | None],
+    config: GradPruneConfig,
+    *,
+    overwrite: bool = False,
+    extra_files: Mapping[str, Callable[[Path], None]] | None = None,
+    max_shard_bytes: int = 2**30,
+) -> tuple[Path, dict[int, dict[str, float]]]:
+    """Write ``model_dir`` pruned by ``plan`` to ``out_dir`` (atomically); returns it and, per merged
+    layer, the fraction of each linear's elements merged (as ``merge.merge_removed_layers``)."""
+    from transformers import AutoConfig
+
+    files = weight_files(model_dir)
+    new_index = {j: i for i, j in enumerate(plan.kept)}
+    targets = merge_targets(plan)
+    fractions: dict[int, dict[str, float]] = {}
+    model_config = AutoConfig.from_pretrained(model_dir)
+    prune_config(model_config, list(plan.kept))
+    with atomic_dir(out_dir, overwrite) as tmp:
+        writer = _ShardWriter(tmp, max_shard_bytes)
+        for group in _groups(files, plan.num_layers):
+            tensors = _read(files, group)
+            layer = _layer_of(group[0])
+            if layer is not None and layer in targets:
+                merged, shares = _merge_layer(layer, tensors, targets[layer], files, igia, config)
+                tensors.update(merged)
+                fractions.update(shares)
+            if layer is not None and layer not in new_index:
+                continue  # a removed layer
+            renamed = {_renumber(key, new_index): tensor for key, tensor in tensors.items()}
+            writer.add(renamed)
+        writer.close()
+        model_config.save_pretrained(tmp)
+        for path in Path(model_dir).iterdir():
+            if path.is_file() and path.name != "config.json" and not path.name.endswith(WEIGHT_SUFFIXES):
+                shutil.copy2(path, tmp / path.name)
+        for name, write in (extra_files or {}).items():
+            write(tmp / name)
+    return Path(out_dir), {source: fractions.get(source, {}) for source in plan.merged}
+
+
+def _groups(files: Mapping[str, Path], num_layers: int) -> Iterator[list[str]]:
+    """Tensor names in the order they are processed: each non-layer tensor alone, then each layer's."""
+    by_layer: dict[int, list[str]] = {}
+    for key in files:
+        layer = _layer_of(key)
+        if layer is None:
+            yield [key]
+        else:
+            by_layer.setdefault(layer, []).append(key)
+    if set(by_layer) != set(range(num_layers)):
+        raise ValueError(f"the checkpoint has {len(by_layer)} decoder layers; the plan has {num_layers}")
+    for layer in sorted(by_layer):
+        yield by_layer[layer]
+
+
+def _merge_layer(target, tensors, sources, files, igia, config):
+    """The merged linear weights of ``target`` (keys as in the checkpoint) and the merged fractions."""
+    prefix = f"{LAYERS_PREFIX}{target}."
+    weights = {key[len(prefix) : -len(".weight")]: t for key, t in tensors.items() if key.endswith(".weight")
+               and t.dim() == 2}  # fmt: skip
+
+    def source_weight(source: int, suffix: str) -> torch.Tensor:
+        key = f"{LAYERS_PREFIX}{source}.{suffix}.weight"
+        return _read(files, [key])[key]
+
+    merged, shares = merge_into(target, weights, sources, source_weight, igia, config)
+    return {f"{prefix}{suffix}.weight": weight for suffix, weight in merged.items()}, shares
+
+
+def _read(files: Mapping[str, Path], keys: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors ``keys``, each file opened (memory-mapped) only while it is read."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for key in keys:
+        by_file.setdefault(files[key], []).append(key)
+    out = {}
+    for path, names in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            for name in names:
+                out[name] = f.get_tensor(name)
+    return {key: out[key] for key in keys}
+
+
+def _layer_of(key: str) -> int | None:
+    match = _LAYER_KEY.match(key)
+    return int(match.group(1)) if match else None
+
+
+def _renumber(key: str, new_index: Mapping[int, int]) -> str:
+    match = _LAYER_KEY.match(key)
+    return f"{LAYERS_PREFIX}{new_index[int(match.group(1))]}.{match.group(2)}" if match else key
+
+
+class _ShardWriter:
+    """Buffers tensors up to ``max_bytes`` per shard, then names them like save_pretrained does."""
+
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        self.folder, self.max_bytes = folder, max_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.buffer and _bytes(self.buffer) + size > self.max_bytes:
+            self._flush()
+        self.buffer.update(tensors)
+        self.total += size
+
+    def close(self) -> None:
+        if self.buffer or not self.shards:
+            self._flush()
+        count = len(self.shards)
+        if count == 1:
+            self.shards[0][0].rename(self.folder / "model.safetensors")
+            return
+        weight_map = {}
+        for number, (path, keys) in enumerate(self.shards, start=1):
+            name = f"model-{number:05d}-of-{count:05d}.safetensors"
+            path.rename(self.folder / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.folder / f".shard-{len(self.shards)}.tmp"
+        save_file({k: v.contiguous() for k, v in self.buffer.items()}, str(path), metadata={"format": "pt"})
+        self.shards.append((path, list(self.buffer)))
+        self.buffer = {}
+
+
+def _bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
