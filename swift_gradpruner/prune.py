@@ -24,7 +24,7 @@ from .merge import merge_removed_layers
 from .report import PLOT_NAME, REPORT_NAME, plot_layer_scores, write_json
 from .selection import LayerPlan, layers_to_remove, plan_layers, plan_removal
 from .serving import vllm_refusal
-from .surgery import Snapshot, remove_layers, save_checkpoint
+from .surgery import Snapshot, atomic_dir, remove_layers, save_checkpoint
 
 
 @dataclass
@@ -45,6 +45,7 @@ def prune_model(
     device: torch.device | str | None = None,
     extra: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
+    surgery: Callable[[LayerPlan, Callable[[str], torch.Tensor | None]], dict[int, dict[str, float]]] | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place from the captured gradients and describe what was done.
 
@@ -57,6 +58,8 @@ def prune_model(
     matrices are rebuilt and merged (default: CPU); with ``config.benchmark`` the dense and the pruned
     model are timed where the model is (``time_dense_vs_pruned``). ``extra`` is copied into the report
     (e.g. the phase-1 settings of a swift run). ``log`` receives a line as each stage starts and ends.
+    ``surgery(plan, igia)``, when given, merges and writes the weights elsewhere (streaming.py) and
+    returns the merged fractions; ``model`` (then a meta-device model) only loses its layers.
     """
     stage = _stages(log)
     per_layer, total_before = parameter_counts(model)
@@ -92,7 +95,7 @@ def prune_model(
     criterion = plans[remove][1]
     snapshot = Snapshot(model, weights_of=sorted(set(plan.merged.values()))) if config.benchmark else None
     with stage(f"merging {len(plan.merged)} and removing {len(plan.removed)} of {len(per_layer)} layers"):
-        fractions = merge_removed_layers(model, plan, igia, config)
+        fractions = merge_removed_layers(model, plan, igia, config) if surgery is None else surgery(plan, igia)
         remove_layers(model, plan.removed)
     _, total_after = parameter_counts(model)
     timing = {}
@@ -219,13 +222,19 @@ def save_pruned(
 
     ``extra_files`` maps more file names to JSON-able contents (e.g. swift's args.json).
     """
+    files = _report_files(result, extra_files)
+    return save_checkpoint(model, out_dir, tokenizer=tokenizer, overwrite=overwrite, extra_files=files)
+
+
+def _report_files(result: PruneResult, extra_files: dict[str, Any] | None) -> dict[str, Callable[[Path], None]]:
+    """Writers of the report, the score plot and ``extra_files`` (JSON contents), by file name."""
     files = {
         REPORT_NAME: lambda path: write_json(path, result.report),
         PLOT_NAME: lambda path: plot_layer_scores(path, result.report),
     }
     for name, content in (extra_files or {}).items():
         files[name] = lambda path, content=content: write_json(path, content)
-    return save_checkpoint(model, out_dir, tokenizer=tokenizer, overwrite=overwrite, extra_files=files)
+    return files
 
 
 def prune_checkpoint(model_dir: str | os.PathLike, accumulator: IGIAAccumulator, config: GradPruneConfig,
@@ -242,6 +251,8 @@ def prune_checkpoint(model_dir: str | os.PathLike, accumulator: IGIAAccumulator,
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if config.score in IGIA_SCORES and not guard and not config.benchmark and _has_safetensors(model_dir):
+        return _prune_streaming(model_dir, accumulator, config, out_dir, extra, swift_args, log)
     with _zero3_init_off():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map="cpu")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -256,6 +267,33 @@ def prune_checkpoint(model_dir: str | os.PathLike, accumulator: IGIAAccumulator,
     log(f"[GradPruner] saving the pruned model to {out_dir} ...")
     save_pruned(model, result, out_dir, tokenizer=tokenizer, overwrite=True, extra_files={"args.json": swift_args})
     return result
+
+
+def _prune_streaming(model_dir, accumulator, config, out_dir, extra, swift_args, log) -> PruneResult:
+    """prune_checkpoint without loading the model: nothing needs to run it (an IGIA ranking, no quality
+    guard, no timing), so the shards are pruned one layer at a time (streaming.py)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .streaming import write_pruned
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    log(f"[GradPruner] streaming surgery: {model_dir} is pruned shard by shard, one layer in memory at a time")
+    with atomic_dir(out_dir, overwrite=True) as folder:
+
+        def surgery(plan: LayerPlan, igia) -> dict[int, dict[str, float]]:
+            return write_pruned(model_dir, folder, plan, igia, config)
+
+        result = prune_model(meta, accumulator, config, extra=extra, log=log, surgery=surgery)
+        for name, write in _report_files(result, {"args.json": swift_args}).items():
+            write(folder / name)
+    return result
+
+
+def _has_safetensors(model_dir) -> bool:
+    from .streaming import INDEX_NAME
+
+    return (Path(model_dir) / "model.safetensors").is_file() or (Path(model_dir) / INDEX_NAME).is_file()
 
 
 def _onto(model, device: str):

@@ -56,11 +56,25 @@ def stream_prune(
     config: GradPruneConfig,
     *,
     overwrite: bool = False,
-    extra_files: Mapping[str, Callable[[Path], None]] | None = None,
     max_shard_bytes: int = 2**30,
 ) -> tuple[Path, dict[int, dict[str, float]]]:
-    """Write ``model_dir`` pruned by ``plan`` to ``out_dir`` (atomically); returns it and, per merged
-    layer, the fraction of each linear's elements merged (as ``merge.merge_removed_layers``)."""
+    """Write ``model_dir`` pruned by ``plan`` to ``out_dir`` atomically (``write_pruned``)."""
+    with atomic_dir(out_dir, overwrite) as tmp:
+        fractions = write_pruned(model_dir, tmp, plan, igia, config, max_shard_bytes=max_shard_bytes)
+    return Path(out_dir), fractions
+
+
+def write_pruned(
+    model_dir: str | os.PathLike,
+    folder: Path,
+    plan: LayerPlan,
+    igia: Callable[[str], torch.Tensor | None],
+    config: GradPruneConfig,
+    *,
+    max_shard_bytes: int = 2**30,
+) -> dict[int, dict[str, float]]:
+    """Write the pruned checkpoint's files into the existing ``folder``; returns, per merged layer,
+    the fraction of each linear's elements merged (as ``merge.merge_removed_layers``)."""
     from transformers import AutoConfig
 
     files = weight_files(model_dir)
@@ -69,27 +83,23 @@ def stream_prune(
     fractions: dict[int, dict[str, float]] = {}
     model_config = AutoConfig.from_pretrained(model_dir)
     prune_config(model_config, list(plan.kept))
-    with atomic_dir(out_dir, overwrite) as tmp:
-        writer = _ShardWriter(tmp, max_shard_bytes)
-        for group in _groups(files, plan.num_layers):
-            tensors = _read(files, group)
-            layer = _layer_of(group[0])
-            if layer is not None and layer in targets:
-                merged, shares = _merge_layer(layer, tensors, targets[layer], files, igia, config)
-                tensors.update(merged)
-                fractions.update(shares)
-            if layer is not None and layer not in new_index:
-                continue  # a removed layer
-            renamed = {_renumber(key, new_index): tensor for key, tensor in tensors.items()}
-            writer.add(renamed)
-        writer.close()
-        model_config.save_pretrained(tmp)
-        for path in Path(model_dir).iterdir():
-            if path.is_file() and path.name != "config.json" and not path.name.endswith(WEIGHT_SUFFIXES):
-                shutil.copy2(path, tmp / path.name)
-        for name, write in (extra_files or {}).items():
-            write(tmp / name)
-    return Path(out_dir), {source: fractions.get(source, {}) for source in plan.merged}
+    writer = _ShardWriter(folder, max_shard_bytes)
+    for group in _groups(files, plan.num_layers):
+        tensors = _read(files, group)
+        layer = _layer_of(group[0])
+        if layer is not None and layer in targets:
+            merged, shares = _merge_layer(layer, tensors, targets[layer], files, igia, config)
+            tensors.update(merged)
+            fractions.update(shares)
+        if layer is not None and layer not in new_index:
+            continue  # a removed layer
+        writer.add({_renumber(key, new_index): tensor for key, tensor in tensors.items()})
+    writer.close()
+    model_config.save_pretrained(folder)
+    for path in Path(model_dir).iterdir():
+        if path.is_file() and path.name != "config.json" and not path.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(path, folder / path.name)
+    return {source: fractions.get(source, {}) for source in plan.merged}
 
 
 def _groups(files: Mapping[str, Path], num_layers: int) -> Iterator[list[str]]:

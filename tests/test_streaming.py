@@ -15,6 +15,8 @@ from conftest import random_lora_grads
 from swift_gradpruner.config import GradPruneConfig
 from swift_gradpruner.importance import IGIAAccumulator
 from swift_gradpruner.merge import merge_removed_layers
+from swift_gradpruner.prune import prune_checkpoint
+from swift_gradpruner.report import PLOT_NAME, REPORT_NAME
 from swift_gradpruner.selection import plan_removal
 from swift_gradpruner.streaming import INDEX_NAME, stream_prune, weight_files
 from swift_gradpruner.surgery import remove_layers, save_checkpoint
@@ -116,6 +118,8 @@ PEAK_RSS = textwrap.dedent("""
         stream_prune(base, out, plan, igia, config, max_shard_bytes=1)
     else:
         from swift_gradpruner.merge import merge_removed_layers
+from swift_gradpruner.prune import prune_checkpoint
+from swift_gradpruner.report import PLOT_NAME, REPORT_NAME
         from swift_gradpruner.surgery import remove_layers, save_checkpoint
         model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
         merge_removed_layers(model, plan, igia, config)
@@ -141,3 +145,31 @@ def test_streaming_peak_memory_is_about_one_layer(tmp_path):
     assert tensors_of(tmp_path / "stream").keys() == tensors_of(tmp_path / "memory").keys()
     assert grown["memory"] > 5 * layer_bytes, grown
     assert grown["stream"] < 3 * layer_bytes, (grown, layer_bytes)
+
+
+def test_prune_checkpoint_streams_when_nothing_needs_the_model_loaded(tmp_path):
+    """An IGIA ranking with no quality guard and no timing never runs the model: prune_checkpoint then
+    streams, and writes what its in-memory path writes (which the timing turns on here)."""
+    tokenizer = build_tokenizer()
+    model = build_model("qwen2", num_layers=6, vocab_size=len(tokenizer))
+    model.save_pretrained(tmp_path / "base", max_shard_size="100KB")
+    tokenizer.save_pretrained(tmp_path / "base")
+    accumulator = IGIAAccumulator()
+    for grads in random_lora_grads(model, rank=4, steps=2):
+        accumulator.update(grads)
+    results, logs = {}, []
+    for name, benchmark in (("stream", False), ("memory", True)):
+        config = GradPruneConfig(prune_layers=3, merge_layers=2, score="squared", benchmark=benchmark)
+        results[name] = prune_checkpoint(tmp_path / "base", accumulator, config, tmp_path / name, {"run": name},
+                                         {"model_type": "qwen2"}, log=logs.append)  # fmt: skip
+    assert sum("streaming surgery" in line for line in logs) == 1
+    stream, memory = results["stream"].report, results["memory"].report
+    for key in ("dropped_layers", "merged_layers", "merged_fraction", "params_after", "layer_scores", "kept_layers"):
+        assert stream[key] == memory[key], key
+    assert len(stream["merged_layers"]) == 2 and "inference_benchmark" not in stream
+    want, got = tensors_of(tmp_path / "memory"), tensors_of(tmp_path / "stream")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    saved = json.loads((tmp_path / "stream" / REPORT_NAME).read_text())
+    assert saved["run"] == "stream" and saved["kept_layers"] == stream["kept_layers"]
+    assert json.loads((tmp_path / "stream" / "args.json").read_text()) == {"model_type": "qwen2"}
+    assert (tmp_path / "stream" / PLOT_NAME).is_file()
