@@ -113,9 +113,10 @@ class GradPruneConfig:
     )
     lora_alpha: int = _help("Phase-1 LoRA alpha when the run itself is not LoRA. Authors' code: 32.", 32)
     benchmark: bool = _help(
-        "Time inference of the dense and the pruned model side by side after pruning (prefill of 128 "
-        "tokens, greedy generation of 32, on the GPU when there is one) and put the speed-ups in the "
-        "report. Not part of the paper; turn off for a model too slow to run on CPU.",
+        "Time inference of the dense and the pruned model side by side after pruning (greedy decode of "
+        "32 tokens, prefill of 128, 5 alternating rounds, on the GPU when there is one; `gradprune bench` "
+        "measures more) and put the ratios in the report. Not part of the paper; turn off for a model too "
+        "slow to run on CPU.",
         True,
     )
 
