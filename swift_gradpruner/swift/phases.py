@@ -88,6 +88,16 @@ def training_objects(trainer) -> dict[str, weakref.ref]:
     return {name: weakref.ref(obj) for name, obj in objects.items() if obj is not None}
 
 
+def _clear_zero3_module_stack() -> None:
+    """ZeRO-3 keeps the modules whose forward is running on a module-level stack; the last one of
+    phase 1 stays there after training (seen with deepspeed 0.19), holding the whole phase-1 model."""
+    import sys
+
+    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    if offload is not None and isinstance(getattr(offload, "FWD_MODULE_STACK", None), list):
+        offload.FWD_MODULE_STACK.clear()
+
+
 def _cuda_memory() -> str:
     if not torch.cuda.is_available():
         return ""
@@ -238,5 +248,9 @@ def _phase1_pipeline_class():
             finally:
                 self.capture.trainer = None
                 self.training_objects = training_objects(trainer)
+                # accelerate's call "between two trainings": destroys the DeepSpeed engine, whose gradient
+                # hooks on the parameters otherwise keep it and the model alive through phase 2.
+                trainer.accelerator.free_memory()
+                _clear_zero3_module_stack()
 
     return GradPrunePhase1
