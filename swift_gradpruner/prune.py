@@ -252,20 +252,22 @@ def prune_checkpoint(model_dir: str | os.PathLike, accumulator: IGIAAccumulator,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if config.score in IGIA_SCORES and not guard and not config.benchmark and _has_safetensors(model_dir):
-        return _prune_streaming(model_dir, accumulator, config, out_dir, extra, swift_args, log)
-    with _zero3_init_off():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map="cpu")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = _onto(model, device)
-    result = prune_model(model, accumulator, config, calibration=calibration, guard=guard, device=device, extra=extra,
-                         log=log)  # fmt: skip
-    if result.guard is not None and not result.guard.ok:
-        warn(f"[GradPruner] WARNING: {result.guard.message(len(result.plan.removed))}")
+        result = _prune_streaming(model_dir, accumulator, config, out_dir, extra, swift_args, log)
+    else:
+        with _zero3_init_off():
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map="cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = _onto(model, device)
+        result = prune_model(model, accumulator, config, calibration=calibration, guard=guard, device=device,
+                             extra=extra, log=log)  # fmt: skip
+        if result.guard is not None and not result.guard.ok:
+            warn(f"[GradPruner] WARNING: {result.guard.message(len(result.plan.removed))}")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        log(f"[GradPruner] saving the pruned model to {out_dir} ...")
+        save_pruned(model, result, out_dir, tokenizer=tokenizer, overwrite=True,
+                    extra_files={"args.json": swift_args})  # fmt: skip
     if "vllm_unsupported" in result.report:
         warn(f"[GradPruner] WARNING: vLLM cannot serve the pruned model: {result.report['vllm_unsupported']}")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    log(f"[GradPruner] saving the pruned model to {out_dir} ...")
-    save_pruned(model, result, out_dir, tokenizer=tokenizer, overwrite=True, extra_files={"args.json": swift_args})
     return result
 
 
