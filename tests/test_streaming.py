@@ -118,8 +118,6 @@ PEAK_RSS = textwrap.dedent("""
         stream_prune(base, out, plan, igia, config, max_shard_bytes=1)
     else:
         from swift_gradpruner.merge import merge_removed_layers
-from swift_gradpruner.prune import prune_checkpoint
-from swift_gradpruner.report import PLOT_NAME, REPORT_NAME
         from swift_gradpruner.surgery import remove_layers, save_checkpoint
         model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
         merge_removed_layers(model, plan, igia, config)
