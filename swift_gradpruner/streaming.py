@@ -166,7 +166,7 @@ class _ShardWriter:
         self.total = 0
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        size = _bytes(tensors)
         if self.buffer and _bytes(self.buffer) + size > self.max_bytes:
             self._flush()
         self.buffer.update(tensors)

@@ -44,9 +44,7 @@ def layers_view(model: nn.Module, kept: Sequence[int]) -> Iterator[nn.Module]:
     """
     layers = decoder_layers(model)
     config = model.config
-    saved = {
-        k: getattr(config, k) for k in ("num_hidden_layers", "layer_types", "max_window_layers") if hasattr(config, k)
-    }
+    saved = _layer_config(config)
     sliding = getattr(model.model, "has_sliding_layers", None)
     prune_config(config, list(kept))
     model.model.layers = nn.ModuleList(layers[j] for j in kept)
