@@ -7,13 +7,11 @@ CPU, gloo: one process for ZeRO-2 and ZeRO-3, and two processes for ZeRO-2 data 
 from __future__ import annotations
 
 import importlib.util
-import json
-from pathlib import Path
 
 import pytest
 
 from swift_gradpruner.tiny import create_tiny
-from swift_run import COMMON, check, report_of, swift
+from swift_run import COMMON, assert_same_scores, check, report_of, swift, zero3_config_for_cpu
 
 pytestmark = [
     pytest.mark.slow,
@@ -42,17 +40,6 @@ def runs(tmp_path_factory):
     return run
 
 
-def assert_same_scores(report: dict, expected: dict) -> None:
-    assert report["steps"] == expected["steps"]
-    assert report["layer_scores"] == pytest.approx(expected["layer_scores"], rel=1e-5)
-    for name, value in expected["linear_scores"].items():
-        assert report["linear_scores"][name] == pytest.approx(value, rel=1e-5), name
-    assert (report["dropped_layers"], report["merged_layers"]) == (
-        expected["dropped_layers"],
-        expected["merged_layers"],
-    )
-
-
 def test_zero2_zero3_and_two_rank_runs_match_a_plain_run(runs, tmp_path):
     plain = runs("plain")
     assert plain["phase1"]["deepspeed"] is False
@@ -78,15 +65,3 @@ def test_zero2_zero3_and_two_rank_runs_match_a_plain_run(runs, tmp_path):
     assert_same_scores(two, plain)
     # Rank 0 timed dense vs pruned generation alone while rank 1 waited (no ZeRO-3 lockstep).
     assert two["inference_benchmark"]["workloads"]["decode"]["workload"]["new_tokens"] == 32
-
-
-def zero3_config_for_cpu(folder: Path) -> Path:
-    """swift's zero3.json without train_batch_size: on CPU, zero.Init builds its config before the
-    process group exists, sees world size 1 and would otherwise fail DeepSpeed's batch-size check."""
-    import swift
-
-    config = json.loads((Path(swift.__file__).parent / "config" / "zero3.json").read_text())
-    config.pop("train_batch_size", None)
-    path = folder / "zero3_cpu.json"
-    path.write_text(json.dumps(config))
-    return path

@@ -18,6 +18,7 @@ from ..config import GradPruneConfig, GradPruneConfigError
 from ..importance import IGIAAccumulator, load_state, save_state
 from ..prune import prune_checkpoint
 from .callback import IGIACaptureCallback
+from .distributed import barrier
 from .holdout import BATCHES_FILE, encode_batches, first_rows, hold_out, load_batches, save_batches
 from .preflight import parse_sft_args, world_size
 from .reuse import PHASE1_FILE, phase1_settings, swift_version
@@ -134,11 +135,6 @@ def prune_from_state(args, config: GradPruneConfig, state_dir: Path, key: str, p
                          log=get_logger().info, warn=get_logger().warning)  # fmt: skip
     barrier()
     get_logger().info(f"[GradPruner] pruned model saved: {pruned_dir}")
-
-
-def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def phase1_argv(argv: list[str], args, config: GradPruneConfig, out_dir: Path) -> list[str]:

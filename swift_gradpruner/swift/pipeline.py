@@ -23,6 +23,7 @@ from typing import Any
 
 from ..config import GradPruneConfig, GradPruneConfigError
 from ..report import REPORT_NAME, read_report
+from .distributed import check_shared_output_dir
 from .phases import discard_phase1, prune_from_state, run_phase1, summary
 from .preflight import check_argv_paths, parse_sft_args, preflight, remove_empty_output_dirs
 from .reuse import (
@@ -48,6 +49,7 @@ def run(argv: list[str], config: GradPruneConfig) -> dict[str, Any]:
     key = prune_key(first, config)
     try:
         preflight(args, config)
+        check_shared_output_dir(args.output_dir)
         if args.resume_from_checkpoint:
             pruned_dir = pruned_model_of_checkpoint(args.resume_from_checkpoint, key)
         else:

@@ -1,0 +1,73 @@
+"""What the ranks of a multi-GPU / multi-node run agree on: waiting for rank 0, and a shared output_dir.
+
+Rank 0 alone writes the IGIA state and the pruned model under ``<output_dir>/gradprune``; every other
+rank (on every node) then loads that model for phase 2. That works only if all nodes see the same
+``output_dir`` (NFS, Lustre, a cloud file system). ``check_shared_output_dir`` proves it before
+phase 1, with a file rank 0 writes and every rank must then see.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from ..config import GradPruneConfigError
+
+SEEN_WAIT_S = 20.0
+"""How long a rank keeps looking for rank 0's marker (network file systems may cache a directory's
+listing for some seconds); only a run that is going to fail waits this long."""
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def barrier() -> None:
+    if is_distributed():
+        torch.distributed.barrier()
+
+
+def check_shared_output_dir(output_dir: str | Path) -> None:
+    """Raise on every rank when some rank cannot see a file that rank 0 wrote in ``output_dir``."""
+    if not is_distributed() or torch.distributed.get_world_size() == 1:
+        return
+    dist = torch.distributed
+    rank = dist.get_rank()
+    folder = Path(output_dir)
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    marker = folder / f".gradprune_shared_{token[0]}"
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"written by rank 0 on {socket.gethostname()}\n", encoding="utf-8")
+    dist.barrier()
+    seen = _appears(marker, SEEN_WAIT_S)
+    views = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (seen, socket.gethostname(), int(os.environ.get("GROUP_RANK", -1))))
+    dist.barrier()  # every rank has looked before rank 0 removes it
+    if rank == 0:
+        marker.unlink(missing_ok=True)
+    blind = [(rank_, host, node) for rank_, (seen_, host, node) in enumerate(views) if not seen_]
+    if blind:
+        where = ", ".join(f"rank {r} (node {n}, host {h})" if n >= 0 else f"rank {r} (host {h})" for r, h, n in blind)
+        raise GradPruneConfigError(
+            f"--output_dir {folder} is not shared between the nodes: {where} cannot see the file rank 0 wrote "
+            "there, but rank 0 alone saves the pruned model that every rank trains in phase 2; put --output_dir "
+            "on storage that every node mounts at the same path (NFS, Lustre, ...)"
+        )
+
+
+def _appears(path: Path, wait_s: float) -> bool:
+    deadline = time.monotonic() + wait_s
+    while True:
+        # Listing the folder (not just stat) makes NFS revalidate a cached view of it.
+        if path.parent.is_dir() and path.name in os.listdir(path.parent):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
