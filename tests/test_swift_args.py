@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,18 @@ def test_version_mismatch_stops_before_anything_else(monkeypatch):
     with pytest.raises(SystemExit, match=expected):
         wrapped()
     assert not ran  # not even the plain run: the user asked for --gradprune* and should know it was not honoured
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "examples" / "yaml").glob("*.yaml")))
+def test_example_yaml_keys_are_swift_or_gradprune_options(path):
+    import dataclasses
+
+    import yaml
+    from swift.arguments import SftArguments
+
+    settings = yaml.safe_load(path.read_text())
+    ours = {key: str(value) for key, value in settings.items() if key.startswith("gradprune")}
+    enabled, _ = parse_gradprune(ours)  # raises on an unknown flag or a bad value
+    assert enabled, path.name
+    swift_fields = {field.name for field in dataclasses.fields(SftArguments)}
+    assert set(settings) - set(ours) <= swift_fields, set(settings) - set(ours) - swift_fields
