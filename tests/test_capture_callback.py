@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from swift_gradpruner.config import GradPruneConfigError
 from swift_gradpruner.importance import IGIAAccumulator
@@ -63,3 +63,46 @@ def test_too_short_run_is_refused_when_training_starts(tokenizer, tmp_path):
     trainer.add_callback(IGIACaptureCallback(trainer, GradPruneConfig(steps=3).phase1_steps, IGIAAccumulator()))
     with pytest.raises(GradPruneConfigError, match="steps=3 is invalid: must be < the run's 3 optimizer steps"):
         trainer.train()
+
+
+class NativeAmpFp16(TrainerCallback):
+    """Marks the (prepared) accelerator as running native fp16 AMP: its unscale_gradients now unscales."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.accelerator.native_amp = True
+
+
+def test_plain_path_reads_gradients_after_the_grad_scaler_unscaled_them(tokenizer, tmp_path, monkeypatch):
+    """An fp16 run's loss scaling on the plain (non-DeepSpeed) path: accelerate creates its GradScaler only
+    on a GPU, so give its Accelerator one by hand. The Trainer's real sequence then runs: scaler.scale(loss)
+    .backward(), unscale_gradients -> scaler.unscale_ (where the capture reads), clipping, scaler.step.
+    Weights stay float32 and 1024 is a power of two, so the captured gradients must equal an unscaled run's
+    exactly; read before the unscale they would be 1024 times larger."""
+    from accelerate import Accelerator
+
+    captured = {}
+    for scale in (None, 1024.0):
+        torch.manual_seed(0)
+        trainer = trainer_for(tokenizer, tmp_path / str(scale), max_grad_norm=1.0)
+        if scale is not None:
+            # Before train(), so that prepare() hands the scaler to the AcceleratedOptimizer; native_amp only
+            # once training began, or prepare() would wrap forward in CPU autocast (bf16).
+            trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1000)
+            trainer.add_callback(NativeAmpFp16(trainer.accelerator))
+            monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))
+        acc = IGIAAccumulator()
+        trainer.add_callback(IGIACaptureCallback(trainer, 4, acc))
+        trainer.train()
+        if scale is not None:
+            assert trainer.accelerator.scaler.get_scale() == scale  # no step was skipped for inf/NaN
+        captured[scale] = acc._factors
+        monkeypatch.undo()
+    assert len(captured[None]) == len(captured[1024.0]) == 4
+    for plain, scaled in zip(captured[None], captured[1024.0]):
+        for name, (grad_a, grad_b) in plain.items():
+            torch.testing.assert_close(scaled[name][0], grad_a, rtol=0, atol=0)
+            torch.testing.assert_close(scaled[name][1], grad_b, rtol=0, atol=0)
+    assert any(float(step[name][1].abs().max()) > 0 for step in captured[None] for name in step)

@@ -1,4 +1,5 @@
-"""GPU checks: the IGIA rebuild and the merge on CUDA agree with the CPU (skipped without a GPU)."""
+"""GPU checks (skipped without a GPU): the IGIA rebuild and the merge on CUDA agree with the CPU; real fp16
+runs (plain, ZeRO-2, ZeRO-3) capture unscaled gradients."""
 
 import pytest
 import torch
@@ -31,3 +32,34 @@ def test_igia_rebuild_and_merge_on_cuda_match_cpu():
         gpu, _ = merge_linear(retained.cuda(), [(source.cuda(), f_gpu)], topp=0.2, mode=mode,
                               retained_importance=None if own is None else own.cuda())  # fmt: skip
         torch.testing.assert_close(gpu.cpu(), cpu)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("deepspeed", [None, "zero2", "zero3"])
+def test_fp16_phase1_removes_the_loss_scale(tmp_path, deepspeed):
+    """A real fp16 run: accelerate's GradScaler (plain) or DeepSpeed's dynamic loss scaler (initial scale
+    2**16) multiply the loss; the captured scores must be those of a float32 run, not 2**64 times them.
+    Steps that overflowed are skipped by both the optimizer and the capture, so the two runs average over
+    slightly different steps: the bound is loose, the error it catches is not."""
+    from swift_gradpruner.tiny import create_tiny
+    from swift_run import COMMON, check, report_of, swift
+
+    model, data = create_tiny(tmp_path / "llama", "llama", num_layers=6, rows=128)
+
+    def run(name: str, *extra: str) -> dict:
+        out = tmp_path / name
+        check(swift(
+            "sft", "--model", str(model), "--model_type", "llama", "--dataset", str(data), *COMMON,
+            "--tuner_type", "lora", "--lora_dropout", "0", "--max_steps", "12", "--save_steps", "12",
+            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--output_dir", str(out),
+            "--gradprune", "true", "--gradprune_prune_layers", "2", "--gradprune_steps", "8", *extra,
+            cwd=tmp_path, env={"NPROC_PER_NODE": "1"},
+        ))  # fmt: skip
+        return report_of(out)
+
+    fp32 = run("fp32")
+    fp16 = run("fp16", "--torch_dtype", "float16", "--fp16", "true", *(("--deepspeed", deepspeed) if deepspeed else ()))
+    assert fp16["steps"]["used"] + fp16["steps"]["skipped_nonfinite"] == 8 and fp16["steps"]["used"] >= 4
+    for name, value in fp32["linear_scores"].items():
+        if value > 0:
+            assert 0.2 < fp16["linear_scores"][name] / value < 5, name
