@@ -18,7 +18,7 @@ elements: ``add`` sums them, ``average`` and ``fisher`` weight every participati
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ def topp_mask(importance: torch.Tensor, topp: float) -> torch.Tensor:
 
 def merge_linear(
     retained: torch.Tensor,
-    sources: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    sources: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
     topp: float,
     mode: str = "add",
@@ -52,39 +52,49 @@ def merge_linear(
 ) -> tuple[torch.Tensor, list[float]]:
     """Merge removed-layer weights into a retained weight.
 
-    ``sources`` holds (W_m, F_m) pairs of the same shape as ``retained``. ``retained_importance``
-    (F_r) is needed by ``fisher`` only. Returns the merged weight, in the dtype of ``retained``, and
-    for each source the fraction of its elements that were merged.
+    ``sources`` yields (W_m, F_m) pairs of the same shape as ``retained``; each is folded in and let
+    go before the next is taken, so a generator keeps one source's F in memory at a time. With no
+    source, ``retained`` is returned as is.
+    ``retained_importance`` (F_r) is needed by ``fisher`` only. Returns the merged weight, in the
+    dtype of ``retained``, and for each source the fraction of its elements that were merged.
     """
     if mode not in MERGE_MODES:
         raise ValueError(f"merge_mode={mode!r} is invalid: must be one of {', '.join(MERGE_MODES)}")
     if mode == "fisher" and retained_importance is None:
         raise ValueError("merge_mode='fisher' needs the retained layer's IGIA matrix (retained_importance)")
     compute = torch.float64 if mode == "fisher" else torch.float32
-    base = retained.detach().to(compute)
-    sign = torch.sign(base)
-    parts = []  # (mask of merged elements, W_m, weight of W_m)
+    fractions: list[float] = []
     for source, importance in sources:
         if source.shape != retained.shape or importance.shape != retained.shape:
             raise ValueError(
                 f"merge shapes differ: retained {tuple(retained.shape)}, removed {tuple(source.shape)}, "
                 f"importance {tuple(importance.shape)}"
             )
+        if not fractions:  # the first source: start from W_r (nothing is computed if no source comes)
+            base = retained.detach().to(compute, copy=True)  # becomes the sum itself in add mode
+            sign = torch.sign(base).to(torch.int8)  # W_r's sign decides for every source
+            if mode == "add":
+                numerator = base
+            else:
+                own = retained_importance.to(base.device, compute) if mode == "fisher" else torch.ones_like(base)
+                numerator, denominator = own * base, own.clone()
+                del own
         value = source.detach().to(device=base.device, dtype=compute)
         importance = importance.to(base.device)
         take = topp_mask(importance, topp) & (torch.sign(value) == sign)
-        parts.append((take, value, importance.to(compute) if mode == "fisher" else 1.0))
-    fractions = [take.sum().item() / take.numel() for take, _, _ in parts]
+        fractions.append(take.sum().item() / take.numel())
+        if mode == "add":
+            numerator += torch.where(take, value, 0.0)
+        else:
+            weight = importance.to(compute) if mode == "fisher" else 1.0
+            numerator += torch.where(take, weight * value, 0.0)
+            denominator += torch.where(take, weight, 0.0)
+            del weight
+        del source, importance, value, take
+    if not fractions:
+        return retained, fractions
     if mode == "add":
-        merged = base.clone()
-        for take, value, _ in parts:
-            merged += torch.where(take, value, 0.0)
-        return merged.to(retained.dtype), fractions
-    own = retained_importance.to(base.device, compute) if mode == "fisher" else torch.ones_like(base)
-    numerator, denominator = own * base, own.clone()
-    for take, value, weight in parts:
-        numerator += torch.where(take, weight * value, 0.0)
-        denominator += torch.where(take, weight, 0.0)
+        return numerator.to(retained.dtype), fractions
     # Where nothing was merged and (fisher) F_r is zero, the weights are all zero: keep W_r.
     merged = torch.where(denominator > 0, numerator / denominator, base)
     return merged.to(retained.dtype), fractions
@@ -110,17 +120,23 @@ def merge_into(
         own = igia(f"{LAYERS_PREFIX}{target}.{suffix}") if config.merge_mode == "fisher" else None
         if config.merge_mode == "fisher" and own is None:
             continue
-        pairs, merged_from = [], []
-        for source in sources:
-            importance = igia(f"{LAYERS_PREFIX}{source}.{suffix}")
-            if importance is not None:
-                pairs.append((source_weight(source, suffix), importance))
-                merged_from.append(source)
-        if not pairs:
+        merged_from: list[int] = []
+
+        def pairs(suffix: str = suffix, merged_from: list[int] = merged_from):
+            """One source's (W_m, F_m) at a time: F is built when asked for and dropped once merged."""
+            for source in sources:
+                importance = igia(f"{LAYERS_PREFIX}{source}.{suffix}")
+                if importance is not None:
+                    merged_from.append(source)
+                    yield source_weight(source, suffix), importance
+                del importance
+
+        merged, shares = merge_linear(weight, pairs(), topp=config.topp, mode=config.merge_mode,
+                                      retained_importance=own)  # fmt: skip
+        del own
+        if not merged_from:
             continue
-        merged_weights[suffix], shares = merge_linear(
-            weight, pairs, topp=config.topp, mode=config.merge_mode, retained_importance=own
-        )
+        merged_weights[suffix] = merged
         for source, share in zip(merged_from, shares):
             fractions[source][suffix] = share
     return merged_weights, fractions
