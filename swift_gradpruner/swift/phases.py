@@ -66,8 +66,7 @@ def run_phase1(argv: list[str], args, config: GradPruneConfig, key: str, state_d
     refs = phase1.training_objects
     del phase1, capture, accumulator
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    hand_back_cuda_memory()
     alive = [name for name, ref in refs.items() if ref() is not None]
     if alive:
         logger.warning(f"[GradPruner] phase 1 left {', '.join(alive)} alive: their memory is not handed back "
@@ -89,14 +88,35 @@ def training_objects(trainer) -> dict[str, weakref.ref]:
     return {name: weakref.ref(obj) for name, obj in objects.items() if obj is not None}
 
 
-def _clear_zero3_module_stack() -> None:
-    """ZeRO-3 keeps the modules whose forward is running on a module-level stack; the last one of
-    phase 1 stays there after training (seen with deepspeed 0.19), holding the whole phase-1 model."""
+def _release_zero3_globals() -> None:
+    """Drop what DeepSpeed's ZeRO-3 keeps in module-level state after training (deepspeed 0.19):
+
+    * the modules whose forward is running sit on ``parameter_offload.FWD_MODULE_STACK``; the last one
+      of phase 1 stays there, holding the whole phase-1 model;
+    * ``PartitionedParameterCoordinator.__params_to_release`` is a ``functools.lru_cache`` on a method,
+      i.e. one cache for the class whose keys hold every coordinator and submodule it ever saw, so the
+      phase-1 model and engine would stay alive for the life of the process. Clearing it only costs the
+      next engine a recomputation.
+    """
     import sys
 
     offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
     if offload is not None and isinstance(getattr(offload, "FWD_MODULE_STACK", None), list):
         offload.FWD_MODULE_STACK.clear()
+    coordinator = sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator")
+    cls = getattr(coordinator, "PartitionedParameterCoordinator", None)
+    method = vars(cls).get("_PartitionedParameterCoordinator__params_to_release") if cls is not None else None
+    for cached in [method, *(cell.cell_contents for cell in getattr(method, "__closure__", None) or ())]:
+        if callable(getattr(cached, "cache_clear", None)):
+            cached.cache_clear()
+
+
+def hand_back_cuda_memory() -> None:
+    """Return cached CUDA blocks to the device and restart the peak statistics, so that what swift logs
+    as the next phase's ``memory(GiB)`` (torch's peak reserved memory) is that phase's own peak."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _cuda_memory() -> str:
@@ -247,6 +267,6 @@ def _phase1_pipeline_class():
                 # accelerate's call "between two trainings": destroys the DeepSpeed engine, whose gradient
                 # hooks on the parameters otherwise keep it and the model alive through phase 2.
                 trainer.accelerator.free_memory()
-                _clear_zero3_module_stack()
+                _release_zero3_globals()
 
     return GradPrunePhase1

@@ -24,7 +24,7 @@ from typing import Any
 from ..config import GradPruneConfig, GradPruneConfigError
 from ..report import REPORT_NAME, read_report
 from .distributed import check_shared_output_dir
-from .phases import discard_phase1, prune_from_state, run_phase1, summary
+from .phases import discard_phase1, hand_back_cuda_memory, prune_from_state, run_phase1, summary
 from .preflight import check_argv_paths, parse_sft_args, preflight, remove_empty_output_dirs
 from .reuse import (
     GRADPRUNE_DIR,
@@ -82,6 +82,7 @@ def run(argv: list[str], config: GradPruneConfig) -> dict[str, Any]:
     logger.info(f"[GradPruner] {summary(report)}; phase 2 trains {pruned_dir}")
     phase2 = [*argv, "--model", str(pruned_dir), "--model_type", args.model_type, "--template", args.template,
               "--output_dir", args.output_dir, "--add_version", "false"]  # fmt: skip
+    hand_back_cuda_memory()  # the dense-vs-pruned timing ran on the GPU since phase 1
     result = SwiftSft(parse_sft_args(phase2)).main()
     result["gradprune"] = {"pruned_model": str(pruned_dir), "report": str(pruned_dir / REPORT_NAME)}
     return result
