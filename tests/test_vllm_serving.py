@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from swift_gradpruner.importance import IGIAAccumulator
 from swift_gradpruner.prune import prune_model, save_pruned
 from swift_gradpruner.report import REPORT_NAME
 from swift_gradpruner.tiny import ARCHITECTURES, build_model, pretrain, write_dataset
-from swift_run import COMMON, TESTS, check, report_of, run_dir, swift
+from swift_run import COMMON, TESTS, check, free_port, report_of, run_dir, swift
 
 if importlib.util.find_spec("vllm") is None:
     pytest.skip(
@@ -188,12 +187,6 @@ def test_mixed_sliding_qwen2_is_flagged_and_vllm_refuses_it(mixed, vllm_runs, to
     result = vllm_runs["results"][MIXED]
     assert "tokens" not in result, "vLLM now serves mixed sliding/full Qwen2: update swift_gradpruner/serving.py"
     assert REFUSAL in result["error"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def post_json(url: str, body: dict, timeout: int = 120) -> dict:
