@@ -39,6 +39,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.model.layers
 
 
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm the decoder applies after its last layer."""
+    return model.get_decoder().norm
+
+
 def linears(layer: nn.Module) -> dict[str, nn.Linear]:
     """The linear sublayers of one decoder layer by their names in it (e.g. ``mlp.up_proj``)."""
     return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}

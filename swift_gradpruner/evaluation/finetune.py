@@ -39,11 +39,12 @@ class Recipe:
         return asdict(self)
 
 
-def encode_examples(tokenizer, examples: Sequence[tuple[str, str]], max_length: int) -> list[tuple[list[int], int]]:
+def encode_examples(tokenizer, examples: Sequence[tuple[str, str]], max_length: int,
+                    chat: bool = False) -> list[tuple[list[int], int]]:  # fmt: skip
     """(token ids, number of answer tokens at the end) per example, the context cut from the left."""
     out = []
     for context, continuation in examples:
-        ctx, cont = encode_pair(tokenizer, context, continuation)
+        ctx, cont = encode_pair(tokenizer, context, continuation, chat)
         cont = cont[:max_length]
         out.append(((ctx + cont)[-max_length:], len(cont)))
     return out
@@ -63,13 +64,13 @@ def collate(rows: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, tor
 
 
 def batches(tokenizer, examples: Sequence[tuple[str, str]], batch_size: int, max_length: int,
-            count: int, seed: int) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+            count: int, seed: int, chat: bool = False) -> list[dict[str, torch.Tensor]]:  # fmt: skip
     """``count`` training batches over epochs of the examples, each epoch shuffled with ``seed`` + epoch.
 
     Within each window of 8 batches the rows are grouped by length (as the HF Trainer's
     ``group_by_length``), which cuts padding, then the window's batches are shuffled.
     """
-    encoded = encode_examples(tokenizer, examples, max_length)
+    encoded = encode_examples(tokenizer, examples, max_length, chat)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: list[dict[str, torch.Tensor]] = []
     epoch = 0
@@ -101,6 +102,7 @@ def lora_finetune(
     constant_after_warmup: bool = False,
     on_backward: Callable[[nn.Module], None] | None = None,
     progress: Callable[[int, float], None] | None = None,
+    chat: bool = False,
 ) -> nn.Module:
     """LoRA-train ``model`` (all linears of the decoder) on ``examples`` and return it with the LoRA
     weights merged (a plain model again).
@@ -127,7 +129,7 @@ def lora_finetune(
         return max(0.0, (total - step) / max(1, total - warmup))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    data = batches(tokenizer, examples, recipe.batch_size, recipe.max_length, total, recipe.seed)
+    data = batches(tokenizer, examples, recipe.batch_size, recipe.max_length, total, recipe.seed, chat)
     peft_model.train()
     for step, batch in enumerate(data):
         loss = answer_loss(peft_model, batch)

@@ -7,216 +7,67 @@ every model gets (the same LoRA recipe, data order and seed), and score it again
 same fine-tune on the unpruned model. Each finished cell is written to ``cells/`` at once, so a
 killed sweep continues where it stopped; a cell is redone only if its settings changed.
 
-Besides accuracy, each cell records the answer loss on the split's right answers, before and after
-recovery: the signal the quality guard of a ``swift sft --gradprune`` run watches.
+Besides accuracy (with every item's 1/0, for paired bootstrap intervals), each cell records the
+answer loss on the split's right answers before and after recovery, and what the quality guard of
+a ``swift sft --gradprune`` run sees on held-out training rows (guard_measures). Rows are in chat
+form by default (swift's chatml template), as a swift user's data are.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import __version__
-from ..architecture import parameter_counts
-from ..config import IGIA_SCORES, GradPruneConfig
-from ..criteria import mean_loss, random_layers
-from ..importance import IGIAAccumulator
+from ..architecture import decoder_layers, parameter_counts
+from ..criteria import mean_kl, mean_loss, random_layers
 from ..surgery import remove_layers
-from .finetune import Recipe, batches, collate, encode_examples, lora_finetune
+from .finetune import Recipe, lora_finetune
+from .methods import PRESETS, Method, parse_method
 from .scoring import score_items
-from .tasks import TASKS, Item, load_task
+from .taskdata import Sizes, TaskCache, TaskData
+from .tasks import TASKS
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "dense": {},
-    "gradprune": {},
-    "igia": {"score": "squared", "merge_layers": None, "steps": 10},
-    "skip_loss": {"score": "skip_loss", "merge_layers": 0},
-    "block_influence": {"score": "block_influence", "merge_layers": 0},
-    "angular": {"score": "angular", "merge_layers": 0},
-    "last": {"score": "last", "merge_layers": 0},
-    "random": {"seed": 0},
-}
-"""Method names and their settings. ``gradprune`` is the product's default configuration,
-``igia`` the paper's (Eq. 4, t = 10 phase-1 steps, merging 3 of every 13 removed layers as in its
-13/3 Llama setting); the others are the baselines at the same number of removed layers, without
-merging. ``name:key=value,...`` changes a setting, e.g. ``igia:steps=32`` or ``igia:merge_layers=0``."""
+__all__ = ["PRESETS", "Method", "Sizes", "TaskCache", "TaskData", "parse_method", "run_eval"]
 
 
-@dataclass(frozen=True)
-class Method:
-    spec: str
-    """As written on the command line, e.g. ``igia:steps=32``; the label in tables."""
-    name: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def pruned(self) -> bool:
-        return self.name != "dense"
-
-    def config(self, budget: int) -> GradPruneConfig:
-        """The GradPruneConfig of this method at ``budget`` removed layers (not for dense/random)."""
-        options = {k: v for k, v in self.options.items() if k != "protect"}
-        if options.get("merge_layers") == "paper":  # the paper's 3-of-13 share (GradPruneConfig's default)
-            options["merge_layers"] = None
-        return GradPruneConfig(prune_layers=budget, benchmark=False, **options)
-
-    def probe_steps(self, budget: int) -> int | None:
-        """Phase-1 steps whose gradients this method needs (None: it needs none)."""
-        if self.name in ("dense", "random"):
-            return None
-        config = self.config(budget)
-        if config.score in IGIA_SCORES or config.merge_count(budget) > 0:
-            return config.steps or 10
-        return None
-
-
-def parse_method(spec: str) -> Method:
-    """``name`` or ``name:key=value,key=value`` (see PRESETS)."""
-    name, _, rest = spec.partition(":")
-    if name not in PRESETS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(PRESETS)} (options as name:key=value)")
-    options = dict(PRESETS[name])
-    for pair in filter(None, rest.split(",")):
-        key, eq, value = pair.partition("=")
-        if not eq:
-            raise ValueError(f"method option {pair!r} in {spec!r} must be key=value")
-        options[key.strip()] = _value(value.strip())
-    method = Method(spec=spec, name=name, options=options)
-    if name not in ("dense", "random"):
-        method.config(12)  # validates the options now, not hours into a sweep
-    return method
-
-
-def _value(text: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
-@dataclass(frozen=True)
-class Sizes:
-    train_rows: int = 256
-    """Training rows per task (recovery fine-tune, phase-1 probe, calibration)."""
-    eval_items: int = 100
-    """Items of the val split per task."""
-    test_items: int = 200
-    """Items of the test split per task (more: it is read once, for the final table)."""
-    calibration_rows: int = 16
-    guard_rows: int = 32
-    """Training rows held out of every fine-tune, for the quality guard's loss (as in a swift run)."""
-
-
-@dataclass
-class TaskData:
-    name: str
-    train: list[Item]
-    splits: dict[str, list[Item]]
-    """Evaluated items per split (the reported one, and any sealed one)."""
-    guard: list[Item]
-    """Training rows no fine-tune sees, for the quality guard."""
-
-    @classmethod
-    def load(cls, task: str, splits: Sequence[str], sizes: Sizes) -> TaskData:
-        rows = load_task(task, "train", sizes.train_rows + sizes.guard_rows)
-        train = min(sizes.train_rows, len(rows) - sizes.guard_rows)
-        evaluated = {name: load_task(task, name, sizes.test_items if name == "test" else sizes.eval_items)
-                     for name in splits}  # fmt: skip
-        return cls(task, rows[:train], evaluated, rows[train : train + sizes.guard_rows])
-
-    @property
-    def examples(self) -> list[tuple[str, str]]:
-        return [item.answer for item in self.train]
-
-
-class TaskCache:
-    """What several cells of one task share: the phase-1 probe's accumulators and calibration batches."""
-
-    def __init__(self, data: TaskData, load: Callable[[], torch.nn.Module], tokenizer, recipe: Recipe, sizes: Sizes):
-        self.data, self.load, self.tokenizer, self.recipe, self.sizes = data, load, tokenizer, recipe, sizes
-        self.probes: dict[int, IGIAAccumulator] = {}
-        self.criteria: dict = {}
-        """Removal-criterion measurements on the unpruned model, shared by the budgets."""
-        self.guards = {split: guard_batches(tokenizer, items, recipe) for split, items in data.splits.items()}
-        self.guard = guard_batches(tokenizer, data.guard, recipe)
-        self.dense_guard_loss: float | None = None
-
-    def calibration(self) -> list[dict[str, torch.Tensor]]:
-        """Batches of the first ``calibration_rows`` training rows in the fine-tune's shuffled order."""
-        size = self.recipe.batch_size
-        count = math.ceil(self.sizes.calibration_rows / size)
-        return batches(self.tokenizer, self.data.examples, size, self.recipe.max_length, count, self.recipe.seed)
-
-    def probe(self, steps: Sequence[int]) -> dict[int, IGIAAccumulator]:
-        """Accumulators of GradPruner's phase 1 for each step count: the LoRA fine-tune of the dense
-        model (the recovery recipe at its full learning rate after warm-up, as at the start of a long
-        run) with the product's gradient capture after every backward pass."""
-        from ..capture import lora_pairs, read_lora_grads
-
-        missing = sorted(set(steps) - set(self.probes))
-        if missing:
-            fresh = {t: IGIAAccumulator() for t in missing}
-            done = [0]
-
-            def capture(peft_model) -> None:
-                grads = read_lora_grads(lora_pairs(peft_model))
-                done[0] += 1
-                for t, accumulator in fresh.items():
-                    if done[0] <= t:
-                        accumulator.update(grads)
-
-            lora_finetune(
-                self.load(), self.tokenizer, self.data.examples, self.recipe,
-                steps=max(missing), constant_after_warmup=True, on_backward=capture,
-            )  # fmt: skip
-            self.probes.update(fresh)
-        return {t: self.probes[t] for t in steps}
-
-
-def guard_batches(tokenizer, items: Sequence[Item], recipe: Recipe) -> list[dict[str, torch.Tensor]]:
-    """The evaluated items' right answers as loss batches (answer tokens only)."""
-    encoded = encode_examples(tokenizer, [item.answer for item in items], recipe.max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    size = recipe.batch_size
-    return [collate(encoded[i : i + size], pad) for i in range(0, len(encoded), size)]
-
-
-def measure(model, cache: TaskCache, splits: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
-    """acc, acc_norm and the answer loss of ``model`` on ``splits`` (default: every evaluated split)."""
+def measure(model, cache: TaskCache, splits: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """acc, acc_norm (with each item's 1/0, for paired intervals) and the answer loss of ``model`` on
+    ``splits`` (default: every evaluated split)."""
     out = {}
     for split in splits or cache.data.splits:
         items = cache.data.splits[split]
         scores = score_items(model, cache.tokenizer, items)
         out[split] = {"acc": scores.acc, "acc_norm": scores.acc_norm, "loss": mean_loss(model, cache.guards[split]),
-                      "items": scores.items}  # fmt: skip
+                      "items": scores.items, "correct": list(scores.correct),
+                      "correct_norm": list(scores.correct_norm)}  # fmt: skip
     return out
 
 
 def prune_for(method: Method, budget: int, model, cache: TaskCache) -> dict[str, Any]:
     """Prune ``model`` in place with ``method``; return what was removed (and the product's report)."""
+    num = len(decoder_layers(model))
     if method.name == "random":
-        num = len(model.model.layers)
         removed = random_layers(num, budget, int(method.options.get("seed", 0)))
         remove_layers(model, removed)
         return {"removed": removed, "dropped": removed, "merged": {}}
     from ..prune import prune_model
 
-    config = method.config(budget)
+    config = method.config(budget, num)
     steps = method.probe_steps(budget)
     accumulator = cache.probe([steps])[steps] if steps else None
-    calibration = cache.calibration() if config.needs_calibration else None
-    result = prune_model(model, accumulator, config, calibration=calibration, criterion_cache=cache.criteria)
+    rows = config.calibration_rows
+    calibration = cache.calibration(rows) if config.needs_calibration else None
+    guard = cache.guard if method.auto else None
+    result = prune_model(model, accumulator, config, calibration=calibration, guard=guard,
+                         criterion_cache=cache.criteria.setdefault(rows, {}))  # fmt: skip
     plan = result.plan
     return {
         "removed": list(plan.removed),
@@ -225,7 +76,19 @@ def prune_for(method: Method, budget: int, model, cache: TaskCache) -> dict[str,
         "config": config.to_dict(),
         "criterion": result.report["criterion"],
         "igia_layer_scores": result.report["layer_scores"] if steps else None,
+        **({"quality_guard": result.report["quality_guard"]} if "quality_guard" in result.report else {}),
     }
+
+
+def guard_measures(model, cache: TaskCache, pruned: bool) -> dict[str, Any]:
+    """What a swift run's quality guard can see on the held-out training rows: the answer loss of the
+    pruned and the dense model, and the KL of the pruned model's predictions from the dense one's."""
+    if cache.dense_guard_loss is None:
+        cache.dense_guard_loss = mean_loss(cache.load() if pruned else model, cache.guard)
+    loss = mean_loss(model, cache.guard)
+    dense = cache.dense_guard_loss
+    return {"rows": len(cache.data.guard), "dense_loss": dense, "pruned_loss": loss, "increase": loss / dense - 1,
+            "kl": mean_kl(model, cache.guard, cache.dense_guard())}  # fmt: skip
 
 
 def run_cell(method: Method, budget: int, cache: TaskCache, stage: Callable[[str], None]) -> dict[str, Any]:
@@ -248,21 +111,13 @@ def run_cell(method: Method, budget: int, cache: TaskCache, stage: Callable[[str
     if method.pruned:
         cell.update(timed("prune", lambda: prune_for(method, budget, model, cache)))
     cell["params_after"] = parameter_counts(model)[1]
-    if cache.guard:  # the quality guard of a swift run: loss on held-out training rows, pruned vs dense
-        if cache.dense_guard_loss is None:
-            cache.dense_guard_loss = mean_loss(cache.load() if method.pruned else model, cache.guard)
-        loss = mean_loss(model, cache.guard)
-        dense = cache.dense_guard_loss
-        cell["guard"] = {
-            "rows": len(cache.data.guard),
-            "dense_loss": dense,
-            "pruned_loss": loss,
-            "increase": loss / dense - 1,
-        }
+    if cache.guard:
+        cell["guard"] = timed("guard", lambda: guard_measures(model, cache, method.pruned))
     reported = next(iter(cache.data.splits))
     cell["before"] = timed("score before", lambda: measure(model, cache, [reported]))
     if cache.recipe.epochs > 0:
-        model = timed("recovery", lambda: lora_finetune(model, cache.tokenizer, cache.data.examples, cache.recipe))
+        model = timed("recovery", lambda: lora_finetune(model, cache.tokenizer, cache.data.examples, cache.recipe,
+                                                        chat=cache.data.chat))  # fmt: skip
         cell["after"] = timed("score after", lambda: measure(model, cache))
     else:
         cell["after"] = cell["before"]

@@ -27,8 +27,12 @@ MAX_LENGTH = 2048
 BATCH_TOKENS = 4096
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context tokens, continuation tokens) as lm-eval's HFLM makes them."""
+def encode_pair(tokenizer, context: str, continuation: str, chat: bool = False) -> tuple[list[int], list[int]]:
+    """(context tokens, continuation tokens) as lm-eval's HFLM makes them; a chat pair as swift's
+    template does (prompt and answer tokenised apart)."""
+    if chat:
+        return (tokenizer(context, add_special_tokens=False)["input_ids"],
+                tokenizer(continuation, add_special_tokens=False)["input_ids"])  # fmt: skip
     spaces = len(context) - len(context.rstrip())
     if spaces:
         continuation = context[-spaces:] + continuation
@@ -129,8 +133,9 @@ def packed_logprobs(model: nn.Module, groups: Sequence[Group]) -> list[list[floa
 
 
 @torch.inference_mode()
-def loglikelihoods(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], progress=None) -> list[float]:
-    """log P(continuation | context) for each (context, continuation) pair.
+def loglikelihoods(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], progress=None,
+                   chat: bool = False) -> list[float]:  # fmt: skip
+    """log P(continuation | context) for each (context, continuation) pair (``chat``: chat pairs).
 
     ``progress``, if given, is called with the number of pairs scored after each batch.
     """
@@ -138,7 +143,7 @@ def loglikelihoods(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]]
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or MAX_LENGTH
     encoded = []
     for context, continuation in pairs:
-        ctx, cont = encode_pair(tokenizer, context, continuation)
+        ctx, cont = encode_pair(tokenizer, context, continuation, chat)
         if not cont:
             raise ValueError(f"continuation {continuation!r} encodes to no token")
         encoded.append((ctx[max(0, len(ctx) + len(cont) - limit - 1) :], cont))
@@ -167,19 +172,25 @@ class Scores:
     acc: float
     acc_norm: float
     items: int
+    correct: tuple[int, ...] = ()
+    """1/0 per item for ``acc`` (for paired confidence intervals)."""
+    correct_norm: tuple[int, ...] = ()
+    """1/0 per item for ``acc_norm``."""
 
 
 def score_items(model: nn.Module, tokenizer, items: Sequence[Item], progress=None) -> Scores:
-    """lm-eval's acc and acc_norm of ``model`` on multiple-choice ``items``."""
+    """lm-eval's acc and acc_norm of ``model`` on multiple-choice ``items`` (all chat or all plain)."""
     pairs = [(c, x) for item in items for c, x in zip(item.contexts, item.continuations)]
-    lls = loglikelihoods(model, tokenizer, pairs, progress)
-    right = right_norm = pos = 0
+    lls = loglikelihoods(model, tokenizer, pairs, progress, chat=bool(items) and items[0].chat)
+    correct, correct_norm = [], []
+    pos = 0
     for item in items:
         ll = lls[pos : pos + len(item.continuations)]
         pos += len(item.continuations)
-        right += int(_argmax(ll) == item.gold)
-        right_norm += int(_argmax([v / n for v, n in zip(ll, item.choice_lengths)]) == item.gold)
-    return Scores(acc=right / len(items), acc_norm=right_norm / len(items), items=len(items))
+        correct.append(int(_argmax(ll) == item.gold))
+        correct_norm.append(int(_argmax([v / n for v, n in zip(ll, item.choice_lengths)]) == item.gold))
+    return Scores(acc=sum(correct) / len(items), acc_norm=sum(correct_norm) / len(items), items=len(items),
+                  correct=tuple(correct), correct_norm=tuple(correct_norm))  # fmt: skip
 
 
 def _argmax(values: Sequence[float]) -> int:

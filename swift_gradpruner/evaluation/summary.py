@@ -9,10 +9,31 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .intervals import RESAMPLES, paired_difference
+
 
 def primary(cell: dict[str, Any], when: str) -> float:
     """The task's reported metric (acc or acc_norm), in percent, before or after recovery."""
     return 100 * cell[when][cell["metric"]]
+
+
+def item_results(cell: dict[str, Any], when: str) -> list[int] | None:
+    """1/0 per item of the task's metric (None for cells written before items were kept)."""
+    scores = cell.get(when) or {}
+    return scores.get("correct_norm" if cell["metric"] == "acc_norm" else "correct")
+
+
+def difference(cells: Sequence[dict[str, Any]], a: tuple[str, int], b: tuple[str, int], when: str = "after"):
+    """Paired-bootstrap interval of row ``a`` minus row ``b`` ((method, budget) each) over the tasks both
+    have, or None when a task lacks per-item results."""
+    by_row: dict[tuple[str, int], dict[str, dict]] = defaultdict(dict)
+    for cell in cells:
+        by_row[(cell["method"], cell["budget"])][cell["task"]] = cell
+    tasks = [t for t in by_row.get(a, {}) if t in by_row.get(b, {})]
+    pairs = [(item_results(by_row[a][t], when), item_results(by_row[b][t], when)) for t in tasks]
+    if not pairs or any(x is None or y is None for x, y in pairs):
+        return None
+    return paired_difference(pairs)
 
 
 def table(cells: Sequence[dict[str, Any]], when: str) -> tuple[list[str], list[tuple[str, int, dict[str, float]]]]:
@@ -52,14 +73,25 @@ def markdown(cells: Sequence[dict[str, Any]], split: str) -> str:
         "`drop` = dense minus the method, averaged over the tasks (positive = worse than dense).",
         "",
     ]
+    reference = "gradprune" if any(c["method"] == "gradprune" for c in cells) else None
+    lines += [
+        "Differences in points with paired-bootstrap 95% intervals (the same items resampled together, "
+        f"{RESAMPLES:,} resamples, tasks weighted equally); *tie* = the interval contains 0.",
+        "",
+    ]
     for when, title in (("after", "After the recovery fine-tune"), ("before", "Before any fine-tune (pruned only)")):
         tasks, rows = table(cells, when)
-        lines += [f"## {title}", "", "| method | removed | " + " | ".join(tasks) + " | avg | drop |",
-                  "|---|---|" + "---|" * (len(tasks) + 2)]  # fmt: skip
+        head = "| method | removed | " + " | ".join(tasks) + " | avg | vs dense |"
+        head += f" vs {reference} (same removed) |" if reference else ""
+        lines += [f"## {title}", "", head, "|---|---|" + "---|" * (len(tasks) + 2 + bool(reference))]
         for method, budget, row in rows:
             values = [f"{row[t]:.1f}" if t in row else "" for t in tasks]
-            drop = f"{row['drop']:+.1f}" if "drop" in row else ""
-            lines.append(f"| {method} | {budget} | " + " | ".join(values) + f" | {row['avg']:.1f} | {drop} |")
+            line = f"| {method} | {budget} | " + " | ".join(values) + f" | {row['avg']:.1f} |"
+            dense = next(((m, b) for m, b, _ in rows if m == "dense"), None)
+            line += f" {_shown(difference(cells, (method, budget), dense, when))} |" if dense else " |"
+            if reference:
+                line += f" {_shown(difference(cells, (method, budget), (reference, budget), when))} |"
+            lines.append(line.replace(" |  |", " | |"))
         lines.append("")
     lines += ["## Answer loss on the split's right answers (nats/token)", "",
               "| method | removed | before recovery | after recovery |", "|---|---|---|---|"]  # fmt: skip
@@ -77,6 +109,12 @@ def markdown(cells: Sequence[dict[str, Any]], split: str) -> str:
             merged = ", ".join(f"{k}->{v}" for k, v in cell.get("merged", {}).items()) or "-"
             lines.append(f"| {cell['task']} | {cell['method']} | {cell['removed']} | {merged} |")
     return "\n".join(lines) + "\n"
+
+
+def _shown(interval) -> str:
+    if interval is None:
+        return ""
+    return f"{interval}" + (" tie" if interval.tie else "")
 
 
 def plot(cells: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:

@@ -32,11 +32,36 @@ class Item:
     gold: int
     choice_lengths: tuple[int, ...]
     """lm-eval's length normaliser for ``acc_norm``: characters of each choice string."""
+    chat: bool = False
+    """A chat row (``to_chat``): context and continuation are tokenised apart, as swift's template does."""
 
     @property
     def answer(self) -> tuple[str, str]:
-        """(context, continuation) of the right choice: what the fine-tune trains on."""
-        return self.contexts[self.gold], self.continuations[self.gold]
+        """(context, continuation) of the right choice: what the fine-tune trains on (a chat answer
+        ends with the end-of-turn text, labelled as swift labels it)."""
+        return self.contexts[self.gold], self.continuations[self.gold] + (CHATML_END if self.chat else "")
+
+
+CHATML_PROMPT = "<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n"
+CHATML_END = "<|im_end|>\n"
+"""swift's ``chatml`` template (SmolLM2's): a one-turn row is PROMPT + answer + END, the labels cover
+answer + END (checked against swift's own encoding in tests/test_eval.py)."""
+_ANSWER_CUE = re.compile(r"\s*(\n|^)Answer:$")
+
+
+def to_chat(item: Item) -> Item:
+    """The item as a user turn (the prompt without lm-eval's trailing "Answer:") and an assistant
+    answer (the choice text without its leading space): the rows a swift user fine-tunes on."""
+    if len(set(item.contexts)) != 1:
+        raise ValueError("items whose choices have different contexts (WinoGrande) have no chat form")
+    query = _ANSWER_CUE.sub("", item.contexts[0]).strip()
+    return Item(
+        contexts=tuple(CHATML_PROMPT.format(query=query) for _ in item.contexts),
+        continuations=tuple(c.strip() for c in item.continuations),
+        gold=item.gold,
+        choice_lengths=item.choice_lengths,
+        chat=True,
+    )
 
 
 def _mc(context: str, choices: list[str], gold: int) -> Item:
@@ -75,6 +100,11 @@ def _winogrande(doc: dict) -> Item:
     return Item(contexts, (target, target), {"1": 0, "2": 1}[doc["answer"]], tuple(len(c) for c in contexts))
 
 
+def _sst2(doc: dict) -> Item:
+    question = f"{doc['sentence']}\nQuestion: Is this sentence positive or negative?\nAnswer:"
+    return _mc(question, ["negative", "positive"], int(doc["label"]))
+
+
 def _boolq(doc: dict) -> Item:
     return _mc(f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:", ["no", "yes"], int(doc["answer"]))
 
@@ -99,6 +129,7 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("hellaswag", "hellaswag/none/validation", _hellaswag, "acc_norm", "MIT"),
         TaskSpec("winogrande", "winogrande/winogrande_xl/validation", _winogrande, "acc", "CC-BY"),
         TaskSpec("boolq", "boolq/none/validation", _boolq, "acc", "CC BY-SA 3.0"),
+        TaskSpec("sst2", "glue/sst2/validation", _sst2, "acc", "unspecified (GLUE; SST: research use)"),
     )
 }
 
@@ -122,8 +153,9 @@ def split_of(key: str, salt: str = "gradprune-eval-v1") -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def load_task(name: str, split: str, limit: int | None = None) -> list[Item]:
-    """Items of ``split`` (train, val or test) of task ``name``, in a fixed order; ``limit`` keeps the first ones.
+def load_task(name: str, split: str, limit: int | None = None, chat: bool = False) -> list[Item]:
+    """Items of ``split`` (train, val or test) of task ``name``, in a fixed order; ``limit`` keeps the first ones;
+    ``chat``: in chat form (``to_chat``).
 
     Every item of the shipped split lands in exactly one of train / val / test, by a hash of its
     position in the shipped file (so the split does not depend on what else is loaded).
@@ -142,7 +174,8 @@ def load_task(name: str, split: str, limit: int | None = None) -> list[Item]:
     chosen = ranked[start : start + bounds[split]]
     if limit is not None:
         chosen = chosen[:limit]
-    return [spec.to_item(docs[i]) for i in chosen]
+    items = [spec.to_item(docs[i]) for i in chosen]
+    return [to_chat(item) for item in items] if chat else items
 
 
 def split_sizes(total: int) -> dict[str, int]:

@@ -1,0 +1,88 @@
+"""The methods ``gradprune eval`` compares: GradPruner's configurations and the layer-pruning baselines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import IGIA_SCORES, GradPruneConfig
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "dense": {},
+    "gradprune": {},
+    "igia": {"score": "squared", "merge_layers": None, "steps": 10},
+    "kl": {"score": "kl", "merge_layers": 0},
+    "skip_loss": {"score": "skip_loss", "merge_layers": 0},
+    "block_influence": {"score": "block_influence", "merge_layers": 0},
+    "angular": {"score": "angular", "merge_layers": 0},
+    "last": {"score": "last", "merge_layers": 0},
+    "random": {"seed": 0},
+}
+"""Method names and their settings. ``gradprune`` is the product's default configuration,
+``igia`` the paper's (Eq. 4, t = 10 phase-1 steps, merging 3 of every 13 removed layers as in its
+13/3 Llama setting); the others are the baselines at the same number of removed layers, without
+merging. ``name:key=value,...`` changes a setting, e.g. ``igia:steps=32`` or ``kl:calibration_rows=64``;
+``prune_layers=auto`` lets the quality guard choose the count, with the cell's budget as its ceiling."""
+
+
+@dataclass(frozen=True)
+class Method:
+    spec: str
+    """As written on the command line, e.g. ``igia:steps=32``; the label in tables."""
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pruned(self) -> bool:
+        return self.name != "dense"
+
+    @property
+    def auto(self) -> bool:
+        return self.options.get("prune_layers") == "auto"
+
+    def config(self, budget: int, num_layers: int = 30) -> GradPruneConfig:
+        """The GradPruneConfig of this method at ``budget`` removed layers (not for dense/random); with
+        ``prune_layers=auto``, ``budget`` of the ``num_layers`` (equal-sized) layers is the ceiling."""
+        options = dict(self.options)
+        if options.get("merge_layers") == "paper":  # the paper's 3-of-13 share (GradPruneConfig's default)
+            options["merge_layers"] = None
+        if self.auto:
+            options["prune_ratio"] = budget / num_layers
+        else:
+            options["prune_layers"] = budget
+        return GradPruneConfig(benchmark=False, **options)
+
+    def probe_steps(self, budget: int) -> int | None:
+        """Phase-1 steps whose gradients this method needs (None: it needs none)."""
+        if self.name in ("dense", "random"):
+            return None
+        config = self.config(budget)
+        if config.score in IGIA_SCORES or config.merge_count(budget) > 0:
+            return config.steps or 10
+        return None
+
+
+def parse_method(spec: str) -> Method:
+    """``name`` or ``name:key=value,key=value`` (see PRESETS)."""
+    name, _, rest = spec.partition(":")
+    if name not in PRESETS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(PRESETS)} (options as name:key=value)")
+    options = dict(PRESETS[name])
+    for pair in filter(None, rest.split(",")):
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise ValueError(f"method option {pair!r} in {spec!r} must be key=value")
+        options[key.strip()] = _value(value.strip())
+    method = Method(spec=spec, name=name, options=options)
+    if name not in ("dense", "random"):
+        method.config(12)  # validates the options now, not hours into a sweep
+    return method
+
+
+def _value(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
