@@ -41,7 +41,7 @@ class GradPruneConfig:
 
     prune_layers: int | str | None = _help(
         "Number N of decoder layers to remove (merged ones included), or 'auto': the largest N (up to "
-        "prune_ratio's count) whose pruned model keeps the loss on held-out rows within max_loss_increase. "
+        "prune_ratio's count) whose pruned model stays within max_kl of the dense model on held-out rows. "
         "Paper: 13 of Llama-3.1-8B's 32 layers.",
         None,
     )
@@ -86,15 +86,17 @@ class GradPruneConfig:
         16,
     )
     guard_rows: int = _help(
-        "Held-out training rows (never trained on in phase 1) on which the dense and the pruned model's "
-        "loss are compared before phase 2; the run warns when the increase exceeds max_loss_increase. "
+        "Held-out training rows (never trained on in phase 1) on which the pruned model's predictions are "
+        "compared with the dense model's before phase 2 (the quality guard; the run warns above max_kl). "
         "0 turns the guard off.",
         32,
     )
-    max_loss_increase: float = _help(
-        "Largest relative increase of that held-out loss (pruned / dense - 1) that counts as a healthy "
-        "pruned model; above it the run warns and names a smaller N that stays within it.",
-        0.25,
+    max_kl: float = _help(
+        "Largest damage the quality guard accepts: the mean KL divergence (nats per token) of the pruned "
+        "model's next-token predictions from the dense model's over every token of the held-out rows; above "
+        "it the run warns and names a smaller N that stays within it (and prune_layers=auto stays within "
+        "it). Calibrated against accuracy after fine-tuning (README 'Accuracy').",
+        0.1,
     )
     steps: int | None = _help(
         "Phase-1 LoRA optimizer steps t whose gradients are captured (Sec. 3.1). Default: "
@@ -132,8 +134,8 @@ class GradPruneConfig:
             _fail("prune_layers", self.prune_layers, "must be an integer >= 1 or auto")
         if auto and self.guard_rows < 1:
             _fail("guard_rows", self.guard_rows, "must be >= 1 with prune_layers=auto (it measures on them)")
-        if not (_is_real(self.max_loss_increase) and self.max_loss_increase >= 0):
-            _fail("max_loss_increase", self.max_loss_increase, "must be a number >= 0, e.g. 0.25")
+        if not (_is_real(self.max_kl) and self.max_kl >= 0):
+            _fail("max_kl", self.max_kl, "must be a number >= 0 (nats per token), e.g. 0.1")
         if self.prune_ratio is not None and not (_is_real(self.prune_ratio) and 0 < self.prune_ratio < 1):
             _fail("prune_ratio", self.prune_ratio, "must be in (0, 1), e.g. 0.4")
         if self.merge_layers is not None and (not _is_int(self.merge_layers) or self.merge_layers < 0):

@@ -38,6 +38,8 @@ class Head:
         self.bias = None if bias is None else bias.detach().float()
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.fingerprint = (float(self.weight.double().sum()), float(self.weight.double().square().sum()))
+        """The closed form needs the dense model's head in the pruned one: pruning never changes it."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         z = nn.functional.linear(hidden.float(), self.weight, self.bias)
@@ -54,6 +56,8 @@ class DenseTargets:
 
     mask: torch.Tensor
     """(batch, seq) bool: the real tokens, whose predictions are compared."""
+    head: tuple[float, float]
+    """Fingerprint of the head the targets were made with (``Head.fingerprint``)."""
     u: torch.Tensor | None
     """(tokens, hidden) W^T p per token (linear heads), float64."""
     const: torch.Tensor | None
@@ -74,7 +78,7 @@ def dense_targets(head: Head, hidden: torch.Tensor, attention_mask: torch.Tensor
     states = hidden[mask]
     if head.softcap:
         logprobs = torch.cat([torch.log_softmax(head.logits(states[c]), -1) for c in head.chunks(states)])
-        return DenseTargets(mask=mask, u=None, const=None, logprobs=logprobs)
+        return DenseTargets(mask=mask, head=head.fingerprint, u=None, const=None, logprobs=logprobs)
     us, consts = [], []
     for chunk in head.chunks(states):
         logp = torch.log_softmax(head.logits(states[chunk]).double(), -1)  # float64: the constant cancels in KL
@@ -84,15 +88,18 @@ def dense_targets(head: Head, hidden: torch.Tensor, attention_mask: torch.Tensor
             const -= p @ head.bias.double()
         us.append((p.float() @ head.weight).double())
         consts.append(const)
-    return DenseTargets(mask=mask, u=torch.cat(us), const=torch.cat(consts))
+    return DenseTargets(mask=mask, head=head.fingerprint, u=torch.cat(us), const=torch.cat(consts))
 
 
 @torch.inference_mode()
 def kl_sum(head: Head, hidden: torch.Tensor, dense: DenseTargets) -> tuple[float, int]:
     """Summed KL(p_dense || p_pruned) over the real tokens of one batch, and their number.
 
-    ``hidden`` are the pruned model's final hidden states on the same batch as ``dense``.
+    ``hidden`` are the pruned model's final hidden states on the same batch as ``dense``; ``head`` must
+    be the dense model's (pruning removes decoder layers, never the head).
     """
+    if head.fingerprint != dense.head:
+        raise ValueError("the KL from the dense model needs the dense model's LM head; this model's head differs")
     states = hidden[dense.mask]
     total = torch.zeros((), dtype=torch.float64, device=states.device)
     for chunk in head.chunks(states):

@@ -39,7 +39,7 @@ output_dir: gradprune_demo/output
 # GradPruner with its defaults: 40% of the decoder-layer parameters removed (3 of the 8 layers),
 # chosen by what removing each does to the loss on rows of this data (skip_loss), none merged;
 # phase 1 (1% of the run, at least 10 steps) records the LoRA gradients for the report and any
-# re-prune; a quality guard compares dense and pruned loss on 32 held-out rows.
+# re-prune; a quality guard measures how far the pruned model moved from the dense one on 32 held-out rows.
 gradprune: true
 """
 

@@ -1,11 +1,12 @@
-"""The quality guard: is the pruned model still a working model? (Not part of the paper.)
+"""The quality guard: is the pruned model still the model it was? (Not part of the paper.)
 
-Before phase 2, the loss of the dense and of the pruned (and merged) model is measured on a few
-held-out rows of the user's own training data that phase 1 never trained on (forward passes
-only). A relative increase above ``max_loss_increase`` means the pruned model has lost what the
-fine-tune is meant to build on: the run warns and says which smaller number of removed layers
-stays within the threshold. ``prune_layers="auto"`` uses the same measurement to choose the
-largest such number by itself.
+Before phase 2, the pruned (and merged) model's next-token predictions are compared with the
+dense model's on a few held-out rows of the user's own training data that phase 1 never trained
+on: the mean KL(dense || pruned) over every real token (damage.py), in nats per token. It is 0 for
+an unchanged model and grows with any change, so a pruned model that got less confident cannot
+pass for a better one (the answer loss it replaces fell on such models while their accuracy fell;
+README "Accuracy"). Above ``max_kl`` the run warns and names the largest smaller count of removed
+layers that stays within it; ``prune_layers="auto"`` chooses that count by itself.
 
 Candidate plans are measured without copying the model: the merge is applied to the few target
 linears and undone afterwards, and removal is a view of the layer list (surgery.layers_view).
@@ -21,31 +22,32 @@ from torch import nn
 
 from .architecture import decoder_layers
 from .config import GradPruneConfig, GradPruneConfigError
-from .criteria import Batch, mean_loss
+from .criteria import Batch, mean_kl, mean_loss
+from .damage import DenseTargets
 from .merge import merge_removed_layers
 from .selection import LayerPlan
 from .surgery import layers_view
 
 
 class GuardError(GradPruneConfigError):
-    """prune_layers='auto' found no layer count within the loss threshold."""
+    """prune_layers='auto' found no layer count within the threshold."""
 
 
-def loss_with_plan(
+def measured_with_plan(
     model: nn.Module,
     plan: LayerPlan,
     igia: Callable[[str], torch.Tensor | None],
     config: GradPruneConfig,
-    batches: Sequence[Batch],
+    measure: Callable[[nn.Module], float],
 ) -> float:
-    """Mean loss of ``model`` pruned and merged by ``plan`` on ``batches``; ``model`` is left unchanged."""
+    """``measure(model)`` with ``model`` pruned and merged by ``plan``; ``model`` is left unchanged."""
     layers = decoder_layers(model)
     targets = sorted(set(plan.merged.values()))
     saved = {t: {n: p.detach().clone() for n, p in layers[t].named_parameters()} for t in targets}
     try:
         merge_removed_layers(model, plan, igia, config)
         with layers_view(model, plan.kept):
-            return mean_loss(model, batches)
+            return measure(model)
     finally:
         with torch.no_grad():
             for t, params in saved.items():
@@ -53,36 +55,46 @@ def loss_with_plan(
                     layers[t].get_parameter(name).copy_(value)
 
 
+def kl_with_plan(model, plan, igia, config, batches: Sequence[Batch], dense: Sequence[DenseTargets]) -> float:
+    """Mean KL per real token of ``batches`` between ``model`` as it is (``dense``) and pruned by ``plan``."""
+    return measured_with_plan(model, plan, igia, config, lambda m: mean_kl(m, batches, dense))
+
+
+def loss_with_plan(model, plan, igia, config, batches: Sequence[Batch]) -> float:
+    """Mean loss on the labelled tokens of ``batches`` of ``model`` pruned and merged by ``plan``."""
+    return measured_with_plan(model, plan, igia, config, lambda m: mean_loss(m, batches))
+
+
 @dataclass
 class GuardReport:
     """What the guard measured, for the report."""
 
     rows: int
-    dense_loss: float
-    pruned_loss: float
+    tokens: int
     threshold: float
-    """Largest relative loss increase (pruned / dense - 1) that counts as healthy."""
-    losses: dict[int, float] = field(default_factory=dict)
-    """Loss of every candidate layer count that was measured."""
+    """Largest KL (nats per token) that counts as healthy: ``max_kl``."""
+    kl: float = 0.0
+    """KL of the pruned model's predictions from the dense model's, nats per token."""
+    kls: dict[int, float] = field(default_factory=dict)
+    """KL of every candidate layer count that was measured."""
     suggestion: int | None = None
     """When over the threshold: the largest smaller count within it (None: not even 1 layer)."""
-
-    @property
-    def increase(self) -> float:
-        return self.pruned_loss / self.dense_loss - 1 if self.dense_loss > 0 else float("inf")
+    dense_loss: float = 0.0
+    """Answer loss of the dense model on the held-out rows (for information)."""
+    pruned_loss: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return self.increase <= self.threshold
+        return self.kl <= self.threshold
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "losses": {str(k): v for k, v in sorted(self.losses.items())},
-                "increase": self.increase, "ok": self.ok}  # fmt: skip
+        return {**asdict(self), "kls": {str(k): v for k, v in sorted(self.kls.items())}, "ok": self.ok}
 
     def message(self, removed: int) -> str:
         text = (
-            f"pruned-model loss on {self.rows} held-out training rows {self.pruned_loss:.3f} vs dense "
-            f"{self.dense_loss:.3f} ({self.increase:+.0%}, threshold +{self.threshold:.0%})"
+            f"pruned model's predictions on {self.rows} held-out training rows ({self.tokens} tokens) are "
+            f"KL {self.kl:.3f} nats/token from the dense model's (threshold {self.threshold:g}; answer loss "
+            f"{self.dense_loss:.3f} dense -> {self.pruned_loss:.3f} pruned)"
         )
         if self.ok:
             return text
@@ -94,14 +106,14 @@ class GuardReport:
         )
 
 
-def largest_within(low: int, high: int, loss_of: Callable[[int], float], limit: float) -> int | None:
-    """The largest n in [low, high] with loss_of(n) <= limit, by bisection (the loss is taken to grow
+def largest_within(low: int, high: int, value_of: Callable[[int], float], limit: float) -> int | None:
+    """The largest n in [low, high] with value_of(n) <= limit, by bisection (the value is taken to grow
     with n); None when even ``low`` exceeds it."""
-    if high < low or loss_of(low) > limit:
+    if high < low or value_of(low) > limit:
         return None
     while low < high:
         mid = (low + high + 1) // 2
-        if loss_of(mid) <= limit:
+        if value_of(mid) <= limit:
             low = mid
         else:
             high = mid - 1

@@ -17,8 +17,8 @@ from . import __version__
 from .architecture import LAYERS_PREFIX, parameter_counts
 from .bench.inference import REPORT_WORKLOADS, TransformersEngine, Workload, compare_inference
 from .config import IGIA_SCORES, GradPruneConfig
-from .criteria import Batch, mean_loss, removed_layers
-from .guard import GuardError, GuardReport, largest_within, loss_with_plan
+from .criteria import Batch, mean_loss, reference_of, removed_layers
+from .guard import GuardError, GuardReport, kl_with_plan, largest_within, loss_with_plan
 from .importance import IGIAAccumulator, layer_scores
 from .merge import merge_removed_layers
 from .report import PLOT_NAME, REPORT_NAME, plot_layer_scores, write_json
@@ -175,37 +175,39 @@ def _layer_count(model, config, per_layer, total, plan_for, igia, guard) -> tupl
     """N (fixed, or 'auto': the largest within the guard's threshold) and the guard's measurements."""
     if config.prune_layers == "auto":
         if not guard:
-            raise ValueError("prune_layers='auto' needs held-out guard batches to measure the loss on")
+            raise ValueError("prune_layers='auto' needs held-out guard batches to measure the damage on")
         ceiling = layers_to_remove(replace(config, prune_layers=None, merge_layers=0), per_layer, total)
     else:
         ceiling = layers_to_remove(config, per_layer, total)
     if not guard:
         return ceiling, None
-    dense_loss = mean_loss(model, guard)
-    losses: dict[int, float] = {}
+    dense = reference_of(model, guard)
+    kls: dict[int, float] = {}
 
-    def loss_of(count: int) -> float:
-        if count not in losses:
-            losses[count] = loss_with_plan(model, plan_for(count), igia, config, guard)
-        return losses[count]
+    def kl_of(count: int) -> float:
+        if count not in kls:
+            kls[count] = kl_with_plan(model, plan_for(count), igia, config, guard, dense)
+        return kls[count]
 
-    limit = dense_loss * (1 + config.max_loss_increase)
     rows = sum(int(b["input_ids"].shape[0]) for b in guard)
-    report = GuardReport(rows=rows, dense_loss=dense_loss, pruned_loss=0.0, threshold=config.max_loss_increase)
+    tokens = sum(int(b["attention_mask"].sum()) for b in guard)
+    report = GuardReport(rows=rows, tokens=tokens, threshold=config.max_kl)
     if config.prune_layers == "auto":
-        count = largest_within(1, ceiling, loss_of, limit)
+        count = largest_within(1, ceiling, kl_of, config.max_kl)
         if count is None:
             raise GuardError(
-                f"prune_layers=auto: removing even one layer raises the loss on {rows} held-out rows by more than "
-                f"max_loss_increase={config.max_loss_increase} (dense {dense_loss:.3f}, 1 layer {losses[1]:.3f}); "
-                "raise --gradprune_max_loss_increase or set --gradprune_prune_layers"
+                f"prune_layers=auto: removing even one layer moves the predictions on {rows} held-out rows by more "
+                f"than max_kl={config.max_kl} (KL {kls[1]:.3f} nats/token); raise --gradprune_max_kl or set "
+                "--gradprune_prune_layers"
             )
     else:
         count = ceiling
-    report.pruned_loss = loss_of(count)
+    report.kl = kl_of(count)
     if not report.ok:
-        report.suggestion = largest_within(1, count - 1, loss_of, limit)
-    report.losses = losses
+        report.suggestion = largest_within(1, count - 1, kl_of, config.max_kl)
+    report.kls = kls
+    report.dense_loss = mean_loss(model, guard)
+    report.pruned_loss = loss_with_plan(model, plan_for(count), igia, config, guard)
     return count, report
 
 

@@ -1,4 +1,4 @@
-"""The quality guard and prune_layers='auto', against losses of really pruned copies of the model."""
+"""The quality guard and prune_layers='auto', against KL and losses of really pruned copies of the model."""
 
 import copy
 
@@ -8,7 +8,8 @@ import torch
 import reference
 from conftest import random_lora_grads
 from swift_gradpruner.config import GradPruneConfig, GradPruneConfigError
-from swift_gradpruner.guard import GuardError, largest_within, loss_with_plan
+from swift_gradpruner.criteria import mean_kl, mean_loss, reference_of
+from swift_gradpruner.guard import GuardError, kl_with_plan, largest_within, loss_with_plan
 from swift_gradpruner.importance import IGIAAccumulator
 from swift_gradpruner.merge import merge_removed_layers
 from swift_gradpruner.prune import prune_model
@@ -46,23 +47,50 @@ def trained():
     return model, accumulator
 
 
-def pruned_copy_loss(model, accumulator, plan, config, guard):
+def pruned_copy(model, accumulator, plan, config):
     clone = copy.deepcopy(model)
     merge_removed_layers(clone, plan, lambda name: accumulator.igia(name), config)
     remove_layers(clone, plan.removed)
-    return reference.answer_loss(clone, guard)
+    return clone
 
 
-def test_loss_with_plan_equals_a_pruned_copy_and_leaves_the_model_alone(trained):
+def test_measures_with_a_plan_equal_a_pruned_copy_and_leave_the_model_alone(trained):
     model, accumulator = trained
     config = GradPruneConfig(prune_layers=3, merge_layers=2, benchmark=False)
     plan = plan_layers(accumulator_scores(accumulator), 3, 2)
     assert plan.merged  # the merge is part of what is measured
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    got = loss_with_plan(model, plan, lambda name: accumulator.igia(name), config, batches(0))
-    assert got == pytest.approx(pruned_copy_loss(model, accumulator, plan, config, batches(0)), rel=1e-5)
+    igia = lambda name: accumulator.igia(name)  # noqa: E731
+    clone = pruned_copy(model, accumulator, plan, config)
+    assert loss_with_plan(model, plan, igia, config, batches(0)) == pytest.approx(
+        reference.answer_loss(clone, batches(0)), rel=1e-5
+    )
+    dense = reference_of(model, batches(0))
+    assert kl_with_plan(model, plan, igia, config, batches(0), dense) == pytest.approx(
+        reference.kl_to(model, clone, batches(0)), rel=1e-4
+    )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model.config.num_hidden_layers == LAYERS
+
+
+def test_a_flatter_model_cannot_pass_for_a_better_one():
+    """The answer loss of a model that is confidently wrong falls when its predictions are flattened;
+    the KL from the dense model rises (the failure the old loss-based guard had on short answers)."""
+    model = build_model("llama", num_layers=2, vocab_size=64, seed=4).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)  # confident; its random predictions are wrong on random labels
+    rows = batches(1)
+    dense = reference_of(model, rows)
+    flat = copy.deepcopy(model)
+    with torch.no_grad():
+        flat.model.norm.weight.mul_(0.05)  # the same head, on smaller final hidden states
+    assert mean_loss(flat, rows) < 0.5 * mean_loss(model, rows)  # "better" by the loss
+    assert mean_kl(flat, rows, dense) > 1.0 > mean_kl(model, rows, dense)  # moved far by the KL
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(0.5)
+    with pytest.raises(ValueError, match="dense model's LM head"):
+        mean_kl(other, rows, dense)
 
 
 def accumulator_scores(accumulator):
@@ -87,33 +115,31 @@ def test_largest_within_bisects_a_growing_loss():
 
 
 def brute_force_curve(model, accumulator, config, guard, counts):
+    """KL from the dense model of really pruned copies, per count of removed layers."""
     scores = accumulator_scores(accumulator)
-    return {n: pruned_copy_loss(model, accumulator, plan_layers(scores, n, min(config.merge_layers, n)), config, guard)
-            for n in counts}  # fmt: skip
+    plans = {n: plan_layers(scores, n, min(config.merge_layers, n)) for n in counts}
+    return {n: reference.kl_to(model, pruned_copy(model, accumulator, p, config), guard) for n, p in plans.items()}
 
 
 def test_guard_fires_on_a_damaging_prune_and_names_a_count_within_it(trained):
     model, accumulator = trained
     guard = batches(0)
-    dense = reference.answer_loss(model, guard)
-    config = GradPruneConfig(prune_layers=4, merge_layers=1, benchmark=False, max_loss_increase=0.05,
-                             score="squared")  # fmt: skip
-    curve = brute_force_curve(model, accumulator, config, guard, range(1, 5))
-    assert curve[4] > dense * 1.05  # removing 4 of 6 fitted layers is damage
+    probe = GradPruneConfig(prune_layers=4, merge_layers=1, benchmark=False, score="squared")
+    curve = brute_force_curve(model, accumulator, probe, guard, range(1, 5))
+    limit = (curve[1] + curve[4]) / 2  # 1 layer is within it, 4 are not
+    config = GradPruneConfig(prune_layers=4, merge_layers=1, benchmark=False, max_kl=limit, score="squared")
     result = prune_model(copy.deepcopy(model), accumulator, config, guard=guard)
     report = result.report["quality_guard"]
-    assert report["dense_loss"] == pytest.approx(dense, rel=1e-5)
-    assert report["pruned_loss"] == pytest.approx(curve[4], rel=1e-5)
-    assert report["increase"] == pytest.approx(curve[4] / dense - 1, rel=1e-4)
-    assert report["ok"] is False and not result.guard.ok
-    within = [n for n in range(1, 4) if curve[n] <= dense * 1.05]
-    monotone = all(curve[n] <= curve[n + 1] for n in range(1, 4))
-    if monotone:
-        assert report["suggestion"] == (max(within) if within else None)
-    assert "threshold" in result.guard.message(4)
-
-    quiet = GradPruneConfig(prune_layers=4, merge_layers=1, benchmark=False, max_loss_increase=100.0,
-                            score="squared")  # fmt: skip
+    assert report["kl"] == pytest.approx(curve[4], rel=1e-4)
+    assert report["dense_loss"] == pytest.approx(reference.answer_loss(model, guard), rel=1e-5)
+    assert report["ok"] is False and not result.guard.ok and report["tokens"] == 40
+    # The suggestion is the bisection's answer on the real curve, and it is within the threshold.
+    assert report["suggestion"] == largest_within(1, 3, curve.get, limit)
+    assert curve[report["suggestion"]] <= limit
+    assert "threshold" in result.guard.message(4) and f"--gradprune_prune_layers {report['suggestion']}" in (
+        result.guard.message(4)
+    )
+    quiet = GradPruneConfig(prune_layers=4, merge_layers=1, benchmark=False, max_kl=100.0, score="squared")
     result = prune_model(copy.deepcopy(model), accumulator, quiet, guard=guard)
     assert result.report["quality_guard"]["ok"] is True and result.report["quality_guard"]["suggestion"] is None
 
@@ -121,23 +147,22 @@ def test_guard_fires_on_a_damaging_prune_and_names_a_count_within_it(trained):
 def test_auto_keeps_the_largest_count_within_the_threshold(trained):
     model, accumulator = trained
     guard = batches(0)
-    dense = reference.answer_loss(model, guard)
     curve = brute_force_curve(model, accumulator, GradPruneConfig(merge_layers=1), guard, range(1, 5))
-    limit = sorted(curve.values())[1] / dense - 1  # a threshold between the curve's points
+    values = sorted(curve.values())
+    limit = (values[1] + values[2]) / 2  # a threshold between the curve's points
     config = GradPruneConfig(prune_layers="auto", prune_ratio=0.6, merge_layers=1, benchmark=False,
-                             max_loss_increase=limit, score="squared")  # fmt: skip
+                             max_kl=limit, score="squared")  # fmt: skip
     pruned = copy.deepcopy(model)
     result = prune_model(pruned, accumulator, config, guard=guard)
     chosen = len(result.plan.removed)
-    assert curve[chosen] <= dense * (1 + limit) * (1 + 1e-6)
-    if all(curve[n] <= curve[n + 1] for n in range(1, 4)):
-        assert chosen == max(n for n in curve if curve[n] <= dense * (1 + limit) * (1 + 1e-6))
+    assert chosen == largest_within(1, 4, curve.get, config.max_kl)  # 0.6 of 6 equal layers: at most 4
+    assert curve[chosen] <= config.max_kl
     assert pruned.config.num_hidden_layers == LAYERS - chosen
     assert result.report["quality_guard"]["ok"] is True
 
     with pytest.raises(GuardError, match="even one layer"):
         prune_model(copy.deepcopy(model), accumulator, GradPruneConfig(
-            prune_layers="auto", merge_layers=0, benchmark=False, max_loss_increase=0.0, score="squared"),
+            prune_layers="auto", merge_layers=0, benchmark=False, max_kl=0.0, score="squared"),
             guard=batches(0))  # fmt: skip
     with pytest.raises(ValueError, match="held-out guard"):
         config = GradPruneConfig(prune_layers="auto", benchmark=False, score="squared")
@@ -149,8 +174,8 @@ def test_auto_and_guard_options_are_checked():
         GradPruneConfig(prune_layers="most")
     with pytest.raises(GradPruneConfigError, match="guard_rows"):
         GradPruneConfig(prune_layers="auto", guard_rows=0)
-    with pytest.raises(GradPruneConfigError, match="max_loss_increase"):
-        GradPruneConfig(max_loss_increase=-0.1)
+    with pytest.raises(GradPruneConfigError, match="max_kl"):
+        GradPruneConfig(max_kl=-0.1)
     assert GradPruneConfig(prune_layers="auto", prune_ratio=0.3).prune_ratio == 0.3
 
 

@@ -91,21 +91,45 @@ def test_zero3_offload_and_a_loss_scale_match_a_plain_run(runs):
         assert_same_scores(report, plain)
 
 
+def relative_gap(scores, reference) -> float:
+    """Largest |score / reference - 1| over the entries of two score dicts or lists."""
+    if isinstance(reference, dict):
+        return max(abs(scores[name] / value - 1) for name, value in reference.items())
+    return max(abs(a / b - 1) for a, b in zip(scores, reference))
+
+
 def test_bf16_phase1_with_and_without_deepspeed(runs):
     """bf16 weights and compute (CPU supports it): a plain run, ZeRO-2 and ZeRO-3 capture the same
-    scores within bf16's precision and choose the same layers; phase 2 trains the result in bf16."""
+    scores within bf16's precision and choose the same layers; phase 2 trains the result in bf16.
+
+    The tolerance is bf16's own error on these scores, measured here: the gap between the plain
+    bf16 run and the fp32 run. A ZeRO run computes the same bf16 numbers in another reduction order,
+    so its gap to the plain bf16 run stays within that error; a factor 2 leaves room for another
+    machine's kernels. Seen on this project's 2-core CPU (each run repeated 5 times: every run was
+    bit-identical to its repeats): per linear, bf16 vs fp32 up to 8.7%, ZeRO-2 vs bf16 0.8%, ZeRO-3
+    vs bf16 5.8% (one v_proj; the old fixed 5% failed on it); per layer (7 linears summed) 1.5%,
+    0.3% and 1.5%. The ZeRO runs use a DeepSpeed loss scale of 1024 (test plugin), so a capture that
+    forgets to divide it out is off by 1024**2 and fails, as does a gather that misses gradients.
+    """
     bf16 = ("--torch_dtype", "bfloat16", "--bf16", "true", "--use_cpu", "true")
-    plain = runs("bf16", *bf16)
+    plain, fp32 = runs("bf16", *bf16), runs("plain")
     assert plain["phase1"]["deepspeed"] is False
+    linear_error = relative_gap(plain["linear_scores"], fp32["linear_scores"])
+    layer_error = relative_gap(plain["layer_scores"], fp32["layer_scores"])
+    assert 0 < linear_error < 0.25 and layer_error < 0.05  # bf16 really differs from fp32, and not by much
     for stage in ("zero2", "zero3"):
-        report = runs(f"bf16_{stage}", *bf16, "--deepspeed", stage)
+        name = f"bf16_{stage}"
+        report = runs(name, *bf16, "--deepspeed", stage, "--external_plugins", str(PLUGINS / "static_loss_scale.py"),
+                      "--callbacks", "static_loss_scale", env={"GRADPRUNE_TEST_LOSS_SCALE": "1024"})  # fmt: skip
+        assert "loss scale = 1024.0" in runs.outputs[name]
         assert report["phase1"]["deepspeed"] is True
         assert report["steps"] == plain["steps"] == {"used": 4, "skipped_nonfinite": 0, "zero": 1}
-        for name, value in plain["linear_scores"].items():
-            assert report["linear_scores"][name] == pytest.approx(value, rel=0.05), (stage, name)  # seen: 0.8%, 2.1%
+        linear_gap = relative_gap(report["linear_scores"], plain["linear_scores"])
+        layer_gap = relative_gap(report["layer_scores"], plain["layer_scores"])
+        print(f"bf16 {stage}: linear gap {linear_gap:.4f} (bf16 vs fp32 {linear_error:.4f}), layer gap {layer_gap:.4f} "
+              f"(bf16 vs fp32 {layer_error:.4f})")  # fmt: skip
+        assert linear_gap <= 2 * linear_error and layer_gap <= 2 * layer_error, stage
         assert (report["dropped_layers"], report["merged_layers"]) == (plain["dropped_layers"], plain["merged_layers"])
-    fp32 = runs("plain")
-    assert plain["layer_scores"] == pytest.approx(fp32["layer_scores"], rel=0.05)
     for name in ("bf16", "bf16_zero2", "bf16_zero3"):
         model = run_dir(runs.root / name) / "gradprune" / "model"
         with safe_open(str(model / "model.safetensors"), "pt") as f:

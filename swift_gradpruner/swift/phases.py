@@ -202,10 +202,11 @@ def summary(report: dict[str, Any]) -> str:
     )
     guard = report.get("quality_guard")
     if guard:
-        verdict = "" if guard["ok"] else f", OVER the +{guard['threshold']:.0%} threshold"
+        verdict = "within" if guard["ok"] else "OVER"
         text += (
-            f"; loss on {guard['rows']} held-out rows {guard['dense_loss']:.3f} dense -> {guard['pruned_loss']:.3f} "
-            f"pruned ({guard['increase']:+.0%}{verdict})"
+            f"; quality guard on {guard['rows']} held-out rows: KL {guard['kl']:.3f} nats/token from the dense model "
+            f"({verdict} the {guard['threshold']:g} threshold), answer loss {guard['dense_loss']:.3f} dense -> "
+            f"{guard['pruned_loss']:.3f} pruned"
         )
     if "inference_benchmark" in report:
         text += f"; {describe(report['inference_benchmark'])}"
