@@ -195,6 +195,9 @@ def _add_eval_parser(commands) -> None:
     ev.add_argument("--max-length", type=int, default=384, help="training rows cut to this many tokens")
     ev.add_argument("--lr", type=float, default=3e-4, help="recovery LoRA learning rate (default: %(default)s)")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32", help="precision of the "
+                    "recovery fine-tune's and the scorer's decoder (bfloat16 autocast: ~2x faster on a CPU with "
+                    "bf16 instructions; pruning criteria and the guard stay in the model's dtype)")  # fmt: skip
 
 
 def _run_eval(args) -> int:
@@ -230,7 +233,8 @@ def _run_eval(args) -> int:
         return 2
     sizes = Sizes(train_rows=args.train_rows, eval_items=args.eval_items, test_items=args.test_items,
                   calibration_rows=args.calibration_rows, chat=args.format == "chat")  # fmt: skip
-    recipe = Recipe(epochs=args.epochs, learning_rate=args.lr, seed=args.seed, max_length=args.max_length)
+    recipe = Recipe(epochs=args.epochs, learning_rate=args.lr, seed=args.seed, max_length=args.max_length,
+                    compute_dtype=args.compute_dtype)  # fmt: skip
     sealed = [s for s in args.sealed if s != args.split]
     cells = run_eval(model, tasks, budgets, methods, args.output, split=args.split, sealed=sealed, sizes=sizes,
                      recipe=recipe)  # fmt: skip

@@ -50,6 +50,9 @@ def test_packed_scores_equal_one_row_per_pair(memorised, tokenizer):
         lp = torch.log_softmax(logits, -1)
         expected = sum(float(lp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
         assert value == pytest.approx(expected, abs=1e-4)
+    # bfloat16 autocast (the harness's fast option): the same numbers to bf16 precision, really computed in bf16.
+    fast16 = loglikelihoods(memorised, tokenizer, pairs, compute_dtype="bfloat16")
+    assert fast16 == pytest.approx(fast, abs=0.15) and fast16 != fast
     # lm-eval moves the context's trailing space into the continuation.
     assert encode_pair(tokenizer, "the sky is ", "blue") == encode_pair(tokenizer, "the sky is", " blue")
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..criteria import answer_loss
-from .scoring import encode_pair
+from .scoring import compute, encode_pair
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,9 @@ class Recipe:
     max_grad_norm: float = 1.0
     max_length: int = 384
     seed: int = 0
+    compute_dtype: str = "float32"
+    """float32, or bfloat16: the decoder's forward/backward (and the scorer's) under bfloat16 autocast,
+    as a GPU run with --torch_dtype bfloat16 trains; weights and optimizer stay float32."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,7 +135,8 @@ def lora_finetune(
     data = batches(tokenizer, examples, recipe.batch_size, recipe.max_length, total, recipe.seed, chat)
     peft_model.train()
     for step, batch in enumerate(data):
-        loss = answer_loss(peft_model, batch)
+        with compute(next(peft_model.parameters()).device, recipe.compute_dtype):
+            loss = answer_loss(peft_model, batch)
         loss.backward()
         if on_backward is not None:
             on_backward(peft_model)

@@ -44,7 +44,7 @@ def measure(model, cache: TaskCache, splits: Sequence[str] | None = None) -> dic
     out = {}
     for split in splits or cache.data.splits:
         items = cache.data.splits[split]
-        scores = score_items(model, cache.tokenizer, items)
+        scores = score_items(model, cache.tokenizer, items, compute_dtype=cache.recipe.compute_dtype)
         out[split] = {"acc": scores.acc, "acc_norm": scores.acc_norm, "loss": mean_loss(model, cache.guards[split]),
                       "items": scores.items, "correct": list(scores.correct),
                       "correct_norm": list(scores.correct_norm)}  # fmt: skip

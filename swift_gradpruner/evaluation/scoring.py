@@ -14,6 +14,7 @@ through the LM head (a 49k-row matmul per position on SmolLM2).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -104,18 +105,30 @@ def pack(groups: Sequence[Group]) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return ids, positions, allowed, predictors
 
 
-def packed_logprobs(model: nn.Module, groups: Sequence[Group]) -> list[list[float]]:
-    """Summed log-probability of every continuation of every group, in one forward pass."""
+def compute(device: torch.device | str, dtype: str = "float32"):
+    """The precision the decoder runs in: as it is (float32), or under bfloat16 autocast."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    if dtype != "bfloat16":
+        raise ValueError(f"compute dtype must be float32 or bfloat16, not {dtype!r}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def packed_logprobs(model: nn.Module, groups: Sequence[Group], compute_dtype: str = "float32") -> list[list[float]]:
+    """Summed log-probability of every continuation of every group, in one forward pass (the decoder in
+    ``compute_dtype``, the LM head in float32)."""
     backbone, head = backbone_and_head(model)
-    device, dtype = head.weight.device, head.weight.dtype
+    device = head.weight.device
+    dtype = torch.bfloat16 if compute_dtype == "bfloat16" else head.weight.dtype
     ids, positions, allowed, predictors = pack(groups)
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    hidden = backbone(
-        input_ids=ids.to(device),
-        position_ids=positions.to(device),
-        attention_mask=mask[:, None].to(device),
-        use_cache=False,
-    ).last_hidden_state
+    with compute(device, compute_dtype):
+        hidden = backbone(
+            input_ids=ids.to(device),
+            position_ids=positions.to(device),
+            attention_mask=mask[:, None].to(device),
+            use_cache=False,
+        ).last_hidden_state
     batch_rows, rows, tokens, owners = [], [], [], []
     for b, (group, group_rows) in enumerate(zip(groups, predictors)):
         for c, (cont, predict) in enumerate(zip(group.continuations, group_rows)):
@@ -123,8 +136,8 @@ def packed_logprobs(model: nn.Module, groups: Sequence[Group]) -> list[list[floa
             rows += predict
             tokens += cont
             owners += [(b, c)] * len(cont)
-    picked = hidden[torch.tensor(batch_rows, device=device), torch.tensor(rows, device=device)]
-    logprobs = torch.log_softmax(head(picked).float(), dim=-1)
+    picked = hidden[torch.tensor(batch_rows, device=device), torch.tensor(rows, device=device)].float()
+    logprobs = torch.log_softmax(nn.functional.linear(picked, head.weight.float()), dim=-1)
     values = logprobs.gather(1, torch.tensor(tokens, device=device)[:, None])[:, 0].double().cpu().tolist()
     out = [[0.0] * len(g.continuations) for g in groups]
     for (b, c), value in zip(owners, values):
@@ -134,7 +147,7 @@ def packed_logprobs(model: nn.Module, groups: Sequence[Group]) -> list[list[floa
 
 @torch.inference_mode()
 def loglikelihoods(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], progress=None,
-                   chat: bool = False) -> list[float]:  # fmt: skip
+                   chat: bool = False, compute_dtype: str = "float32") -> list[float]:  # fmt: skip
     """log P(continuation | context) for each (context, continuation) pair (``chat``: chat pairs).
 
     ``progress``, if given, is called with the number of pairs scored after each batch.
@@ -157,7 +170,7 @@ def loglikelihoods(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]]
         while start < len(order):
             size = max(1, BATCH_TOKENS // groups[order[start]].width)
             chunk = order[start : start + size]
-            for g, values in zip(chunk, packed_logprobs(model, [groups[g] for g in chunk])):
+            for g, values in zip(chunk, packed_logprobs(model, [groups[g] for g in chunk], compute_dtype)):
                 scores[g] = values
             start += len(chunk)
             if progress is not None:
@@ -178,10 +191,12 @@ class Scores:
     """1/0 per item for ``acc_norm``."""
 
 
-def score_items(model: nn.Module, tokenizer, items: Sequence[Item], progress=None) -> Scores:
+def score_items(model: nn.Module, tokenizer, items: Sequence[Item], progress=None,
+                compute_dtype: str = "float32") -> Scores:  # fmt: skip
     """lm-eval's acc and acc_norm of ``model`` on multiple-choice ``items`` (all chat or all plain)."""
     pairs = [(c, x) for item in items for c, x in zip(item.contexts, item.continuations)]
-    lls = loglikelihoods(model, tokenizer, pairs, progress, chat=bool(items) and items[0].chat)
+    lls = loglikelihoods(model, tokenizer, pairs, progress, chat=bool(items) and items[0].chat,
+                         compute_dtype=compute_dtype)  # fmt: skip
     correct, correct_norm = [], []
     pos = 0
     for item in items:
