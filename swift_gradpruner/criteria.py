@@ -165,7 +165,6 @@ def greedy_order(
     count: int,
     measure: str = "kl",
     start: Sequence[tuple[int, float]] = (),
-    candidates: int | None = None,
 ) -> list[tuple[int, float]]:
     """Greedy removal order by damage: each round removes the layer whose removal, together with the
     earlier ones, gives the smallest ``measure`` on ``batches`` (``kl``: mean KL from the dense
@@ -174,8 +173,6 @@ def greedy_order(
     ``start``, an order this function returned for the same model, batches and measure, is continued
     rather than recomputed (the first k rounds do not depend on ``count``). Ties remove the deeper
     layer; a NaN/inf value is never chosen, and a round with no finite value stops the search.
-    ``candidates``: after the first round, try only that many layers, those whose last measured
-    value was smallest (None: every remaining layer, every round).
     """
     if measure not in GREEDY_MEASURES:
         raise ValueError(f"unknown greedy measure {measure!r}; choose from {', '.join(GREEDY_MEASURES)}")
@@ -194,18 +191,14 @@ def greedy_order(
 
     rounds = tqdm(range(count - len(order)), desc=f"GradPruner {measure} search", unit="layer", leave=False,
                   disable=count - len(order) < 2)  # fmt: skip
-    previous: dict[int, float] = {}
     try:
         for _ in rounds:
-            tried = kept
-            if candidates is not None and previous:
-                tried = sorted(sorted(kept, key=lambda j: (previous.get(j, math.inf), -j))[:candidates])
-            sums = dict.fromkeys(tried, 0.0)
-            tokens = dict.fromkeys(tried, 0)
+            sums = dict.fromkeys(kept, 0.0)
+            tokens = dict.fromkeys(kept, 0)
             for batch, reference in zip(batches, dense):
                 inputs = _layer_inputs(model, batch, kept)
-                for j in tried:
-                    hidden = _run_from(model, batch, inputs[j], kept[kept.index(j) + 1 :])
+                for pos, j in enumerate(kept):
+                    hidden = _run_from(model, batch, inputs[j], kept[pos + 1 :])
                     if reference is None:
                         value, n = _loss_sum(head, hidden, batch["labels"])
                         value = value.item()
@@ -214,8 +207,8 @@ def greedy_order(
                     sums[j] += value
                     tokens[j] += n
                 del inputs
-            values = {j: sums[j] / max(tokens[j], 1) for j in tried}
-            finite = [j for j in tried if math.isfinite(values[j])]
+            values = {j: sums[j] / max(tokens[j], 1) for j in kept}
+            finite = [j for j in kept if math.isfinite(values[j])]
             if not finite:
                 dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
                 raise NonFiniteError(
@@ -226,7 +219,6 @@ def greedy_order(
             best = min(finite, key=lambda j: (values[j], -j))
             kept.remove(best)
             order.append((best, values[best]))
-            previous.update(values)  # a layer not tried this round keeps its last measured value
     finally:
         model.train(was_training)
     return order
