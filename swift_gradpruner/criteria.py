@@ -165,6 +165,7 @@ def greedy_order(
     count: int,
     measure: str = "kl",
     start: Sequence[tuple[int, float]] = (),
+    single: dict[int, float] | None = None,
 ) -> list[tuple[int, float]]:
     """Greedy removal order by damage: each round removes the layer whose removal, together with the
     earlier ones, gives the smallest ``measure`` on ``batches`` (``kl``: mean KL from the dense
@@ -173,6 +174,8 @@ def greedy_order(
     ``start``, an order this function returned for the same model, batches and measure, is continued
     rather than recomputed (the first k rounds do not depend on ``count``). Ties remove the deeper
     layer; a NaN/inf value is never chosen, and a round with no finite value stops the search.
+    ``single``, if given, receives the first round's values: the measure after removing each layer
+    alone (only when the search starts from nothing).
     """
     if measure not in GREEDY_MEASURES:
         raise ValueError(f"unknown greedy measure {measure!r}; choose from {', '.join(GREEDY_MEASURES)}")
@@ -208,6 +211,8 @@ def greedy_order(
                     tokens[j] += n
                 del inputs
             values = {j: sums[j] / max(tokens[j], 1) for j in kept}
+            if single is not None and not order:
+                single.update(values)
             finite = [j for j in kept if math.isfinite(values[j])]
             if not finite:
                 dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -297,11 +302,13 @@ def removed_layers(
     if criterion in (*GREEDY_MEASURES, "block_influence", "angular") and not calibration:
         raise ValueError(f"the {criterion} criterion needs calibration batches of training rows")
     if criterion in GREEDY_MEASURES:
+        single = cache.setdefault(f"{criterion}/single", {})
         if len(cache.get(criterion, ())) < count:
-            cache[criterion] = greedy_order(model, calibration, count, criterion, cache.get(criterion, ()))
+            cache[criterion] = greedy_order(model, calibration, count, criterion, cache.get(criterion, ()), single)
         order = cache[criterion][:count]
-        name = "kl_after_removal" if criterion == "kl" else "loss_after_removal"
-        return [j for j, _ in order], {name: [v for _, v in order]}
+        name = "kl" if criterion == "kl" else "loss"
+        return [j for j, _ in order], {f"{name}_after_removal": [v for _, v in order],
+                                       f"{name}_removing_one_layer": [single.get(j) for j in range(num)]}  # fmt: skip
     if criterion == "block_influence":
         if "block_influence" not in cache:
             cache["block_influence"] = block_influence(model, calibration)

@@ -23,14 +23,27 @@ def read_report(checkpoint_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def plotted_scores(report: Mapping[str, Any]) -> tuple[list[float], str]:
+    """One value per layer for the plot, and its label: what the criterion measured per layer (KL or loss
+    after removing that layer alone, Block Influence), else the IGIA layer scores (Eq. 4)."""
+    criterion = report.get("criterion", {})
+    for key, label in (("kl_removing_one_layer", "KL from the dense model after removing this layer alone"),
+                       ("loss_removing_one_layer", "loss after removing this layer alone"),
+                       ("block_influence", "Block Influence (1 - cos)")):  # fmt: skip
+        values = criterion.get(key)
+        if values and all(v is not None for v in values):
+            return list(values), label
+    return list(report["layer_scores"]), f"IGIA layer score ({report['config']['score']})"
+
+
 def plot_layer_scores(path: Path, report: Mapping[str, Any]) -> None:
-    """Bar plot of the layer scores (log scale): kept, dropped and merged layers in three colours."""
+    """Bar plot of per-layer values (log scale): kept, dropped and merged layers in three colours."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scores = report["layer_scores"]
+    scores, label = plotted_scores(report)
     dropped = set(report["dropped_layers"])
     merged = {int(k): v for k, v in report["merged_layers"].items()}
     colours, labels = [], {}
@@ -50,7 +63,7 @@ def plot_layer_scores(path: Path, report: Mapping[str, Any]) -> None:
     ax.bar(range(len(scores)), [max(s, floor) for s in scores], color=colours)
     ax.set_yscale("log")
     ax.set_xlabel("decoder layer")
-    ax.set_ylabel(f"IGIA layer score ({report['config']['score']})")
+    ax.set_ylabel(label, fontsize=8)
     ax.set_title(f"GradPruner: {len(dropped) + len(merged)} of {len(scores)} layers removed, {len(merged)} merged")
     for j, target in merged.items():
         ax.annotate(f"\u2192{target}", (j, max(scores[j], floor)), ha="center", va="bottom", fontsize=7)

@@ -85,6 +85,9 @@ def test_kl_first_round_and_later_rounds_match_pruned_copies(arch):
     remove_layers(model, [j for j, _ in order])
     assert order[-1][1] == pytest.approx(reference.kl_to(factory(), model, batches), rel=1e-4)
     assert criteria.greedy_order(factory(), batches, 3, "kl", order[:1]) == order
+    removed, measured = criteria.removed_layers(factory(), "kl", 3, batches)
+    assert removed == [j for j, _ in order]
+    assert measured["kl_removing_one_layer"] == pytest.approx(kls, rel=1e-4)  # the plotted per-layer values
     # The dense model against itself: no damage, also with a large vocabulary (the closed form subtracts
     # numbers of the logits' size; in float32 that left ~1e-4 on SmolLM2's 49k vocabulary).
     for dense in (factory(), build_model(arch, num_layers=2, vocab_size=16384, seed=1).eval()):
