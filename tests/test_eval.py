@@ -158,6 +158,19 @@ def test_eval_smoke_run_resumes(tiny_dir, tmp_path, monkeypatch):
                          show_progress=False)  # fmt: skip
 
 
+def test_auto_cells_let_the_guard_choose_the_count(tiny_dir, tmp_path):
+    """kl:prune_layers=auto: the budget is the ceiling, the product's guard picks the count on the held-out rows."""
+    sizes = harness.Sizes(train_rows=8, eval_items=4, test_items=4, calibration_rows=4, guard_rows=4)
+    recipe = Recipe(batch_size=4, max_length=96, epochs=0)
+    specs = ("kl:prune_layers=auto,max_kl=1000", "kl:prune_layers=auto,max_kl=0.0001")
+    methods = [harness.parse_method(m) for m in specs]
+    loose, tight = [harness.run_eval(tiny_dir, ["sst2"], [3], [m], tmp_path / str(i), sizes=sizes, recipe=recipe,
+                                     show_progress=False)[0] for i, m in enumerate(methods)]  # fmt: skip
+    assert len(loose["removed"]) == 3 and loose["quality_guard"]["ok"]  # the ceiling, within a loose threshold
+    assert loose["quality_guard"]["kl"] == pytest.approx(loose["guard"]["kl"], rel=1e-6)  # the same rows and measure
+    assert tight["removed"] == [] and "even one layer" in tight["refused"]  # a swift run would stop with this line
+
+
 def test_chat_rows_are_encoded_as_swift_encodes_them(tiny_dir, tokenizer):
     """A chat item's training row: the same token ids and labelled positions as swift's chatml template."""
     from swift.model import get_processor

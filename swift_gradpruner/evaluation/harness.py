@@ -28,6 +28,7 @@ import torch
 from .. import __version__
 from ..architecture import decoder_layers, parameter_counts
 from ..criteria import mean_kl, mean_loss, random_layers
+from ..guard import GuardError
 from ..surgery import remove_layers
 from .finetune import Recipe, lora_finetune
 from .methods import PRESETS, Method, parse_method
@@ -66,8 +67,11 @@ def prune_for(method: Method, budget: int, model, cache: TaskCache) -> dict[str,
     rows = config.calibration_rows
     calibration = cache.calibration(rows) if config.needs_calibration else None
     guard = cache.guard if method.auto else None
-    result = prune_model(model, accumulator, config, calibration=calibration, guard=guard,
-                         criterion_cache=cache.criteria.setdefault(rows, {}))  # fmt: skip
+    try:
+        result = prune_model(model, accumulator, config, calibration=calibration, guard=guard,
+                             criterion_cache=cache.criteria.setdefault(rows, {}))  # fmt: skip
+    except GuardError as refusal:  # auto: not even one layer within the threshold; a swift run would stop here
+        return {"removed": [], "dropped": [], "merged": {}, "config": config.to_dict(), "refused": str(refusal)}
     plan = result.plan
     return {
         "removed": list(plan.removed),
