@@ -43,11 +43,20 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return model.get_decoder(), model.get_output_embeddings()
 
 
-def _loss_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits (float32) of final hidden states, soft-capped where the model caps them
+    (Gemma 2 does that in its ForCausalLM forward, outside the head)."""
+    logits = model.get_output_embeddings()(hidden).float()
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
+def _loss_sum(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the labelled tokens; the head runs on those rows only."""
     targets = labels[:, 1:].to(hidden.device)
     keep = targets != -100
-    logits = head(hidden[:, :-1][keep]).float()
+    logits = output_logits(model, hidden[:, :-1][keep])
     return nn.functional.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
 
 
@@ -60,20 +69,19 @@ def _final_hidden(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 def answer_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled tokens of one batch (differentiable)."""
-    total, count = _loss_sum(model.get_output_embeddings(), _final_hidden(model, batch), batch["labels"])
+    total, count = _loss_sum(model, _final_hidden(model, batch), batch["labels"])
     return total / max(count, 1)
 
 
 @torch.inference_mode()
 def mean_loss(model: nn.Module, batches: Iterable[Batch]) -> float:
     """Token-weighted mean loss of ``model`` over the labelled tokens of ``batches``."""
-    head = model.get_output_embeddings()
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
-            value, n = _loss_sum(head, _final_hidden(model, batch), batch["labels"])
+            value, n = _loss_sum(model, _final_hidden(model, batch), batch["labels"])
             total, count = total + value.item(), count + n
     finally:
         model.train(was_training)
@@ -188,7 +196,7 @@ def greedy_order(
         return order
     was_training = model.training
     model.eval()
-    head = Head(model) if measure == "kl" else model.get_output_embeddings()
+    head = Head(model) if measure == "kl" else None
     dense = reference_of(model, batches) if measure == "kl" else [None] * len(batches)
     from tqdm import tqdm
 
@@ -203,7 +211,7 @@ def greedy_order(
                 for pos, j in enumerate(kept):
                     hidden = _run_from(model, batch, inputs[j], kept[pos + 1 :])
                     if reference is None:
-                        value, n = _loss_sum(head, hidden, batch["labels"])
+                        value, n = _loss_sum(model, hidden, batch["labels"])
                         value = value.item()
                     else:
                         value, n = kl_sum(head, hidden, reference)

@@ -115,6 +115,8 @@ def test_kl_of_a_soft_capped_head_matches_full_logits():
     expected = reference.kl_to(dense, noisy, batches)
     assert expected > 1e-3
     assert criteria.mean_kl(noisy, batches, targets) == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    # The answer loss of skip_loss and the guard is the model's own (soft-capped) loss too.
+    assert criteria.mean_loss(noisy, batches) == pytest.approx(reference.answer_loss(noisy, batches), rel=1e-5)
 
 
 def test_greedy_search_never_chooses_a_nan_and_stops_when_all_are():
