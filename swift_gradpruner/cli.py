@@ -91,9 +91,9 @@ def _run_prune(args) -> int:
     import json
     from dataclasses import fields
 
+    from .checkpoint import prune_checkpoint
     from .config import GradPruneConfig, GradPruneConfigError
     from .importance import load_state
-    from .prune import prune_checkpoint
     from .surgery import check_output_dir
     from .swift.args import parse_gradprune
     from .swift.holdout import BATCHES_FILE, load_batches

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from ..bench.inference import describe
+from ..checkpoint import prune_checkpoint
 from ..config import GradPruneConfig, GradPruneConfigError
 from ..importance import IGIAAccumulator, load_state, save_state
-from ..prune import prune_checkpoint
 from .callback import IGIACaptureCallback
 from .distributed import barrier
 from .holdout import BATCHES_FILE, encode_batches, first_rows, hold_out, load_batches, save_batches
