@@ -162,8 +162,8 @@ class GradPruneConfig:
         if self.score not in SCORE_KINDS:
             _fail("score", self.score, f"must be one of {', '.join(SCORE_KINDS)}")
         if self.steps is not None and (not _is_int(self.steps) or self.steps < FEWEST_STEPS):
-            _fail("steps", self.steps, f"must be an integer >= {FEWEST_STEPS} (step 1's LoRA gradients are all "
-                  f"zero because LoRA B starts at 0; {ADVISED_STEPS} or more rank the layers more reliably)")  # fmt: skip
+            why = f"step 1's LoRA gradients are zero as LoRA B starts at 0; {ADVISED_STEPS}+ rank more reliably"
+            _fail("steps", self.steps, f"must be an integer >= {FEWEST_STEPS} ({why})")
         if not (_is_real(self.step_ratio) and 0 < self.step_ratio < 1):
             _fail("step_ratio", self.step_ratio, "must be in (0, 1), e.g. 0.01")
         for name in ("benchmark", "keep_state"):
