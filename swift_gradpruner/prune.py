@@ -21,6 +21,7 @@ from .architecture import LAYERS_PREFIX, parameter_counts
 from .bench.inference import REPORT_WORKLOADS, TransformersEngine, Workload, compare_inference
 from .config import IGIA_SCORES, GradPruneConfig
 from .criteria import Batch, mean_loss, removed_layers
+from .flops import matmul_weights
 from .guard import GuardError, GuardReport, largest_within, loss_with_plan
 from .importance import IGIAAccumulator, layer_scores
 from .merge import merge_removed_layers
@@ -67,6 +68,7 @@ def prune_model(
     seconds: dict[str, float] = {}
     stage = _stages(log, seconds)
     per_layer, total_before = parameter_counts(model)
+    compute_before = matmul_weights(model)
     if accumulator is None:
         if config.score in IGIA_SCORES or config.merge_layers != 0:
             raise ValueError(f"score={config.score!r} with merge_layers={config.merge_layers} needs the IGIA gradients")
@@ -102,6 +104,7 @@ def prune_model(
         fractions = merge_removed_layers(model, plan, igia, config) if surgery is None else surgery(plan, igia)
         remove_layers(model, plan.removed)
     _, total_after = parameter_counts(model)
+    kept_compute = matmul_weights(model) / compute_before
     timing = {}
     if snapshot is not None:
         with stage(f"timing dense vs pruned on {next(model.parameters()).device.type} (alternating rounds)", "timing"):
@@ -127,6 +130,7 @@ def prune_model(
         "params_after": total_after,
         "params_removed_fraction": 1 - total_after / total_before,
         "decoder_params_removed_fraction": sum(per_layer[j] for j in plan.removed) / sum(per_layer),
+        "kept_compute_fraction": kept_compute,
         "factor_store_bytes": accumulator.factor_bytes,
         "stage_seconds": seconds,
         **timing,
