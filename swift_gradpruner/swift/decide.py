@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ADVISED_STEPS, GradPruneConfig, GradPruneConfigError
+from ..config import ADVISED_STEPS, FEWEST_STEPS, GradPruneConfig, GradPruneConfigError
 from ..payoff import estimate
 from . import keys, reuse
 from .distributed import is_distributed
@@ -23,6 +23,8 @@ from .preflight import ModelFacts, estimate_total_steps, training_rows, world_si
 
 REUSE, PRUNE, PHASE1, DATA = "reuse", "prune", "phase1", "data"
 """Reuse a pruned model; prune from a saved state; run phase 1; prepare the rows without phase 1."""
+ZERO_B_INITS = (True, "true", "True", "gaussian")
+"""peft LoRA initialisations that start B at 0 (swift's default is True): step 1's gradient is zero."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,13 @@ def _check_plan(args, config: GradPruneConfig, facts: ModelFacts, decision: Deci
     steps = 0
     if decision.action == PHASE1 and total is not None:
         steps = config.phase1_steps(total)
+        zero_first = args.init_weights in ZERO_B_INITS  # LoRA B = 0: the first step's simulated gradient is 0
+        if zero_first and steps - 1 < FEWEST_STEPS:
+            raise GradPruneConfigError(
+                f"phase 1 would capture {steps} optimizer steps, and with LoRA's initialisation (B = 0, --init_weights "
+                f"{args.init_weights}) the first has no gradient signal: the IGIA scores need at least {FEWEST_STEPS} "
+                f"informative steps, so set --gradprune_steps {FEWEST_STEPS + 1} or more ({ADVISED_STEPS}+ advised)"
+            )
         if steps < ADVISED_STEPS:
             get_logger().warning(
                 f"[GradPruner] WARNING: phase 1 captures only {steps} optimizer steps (step 1's gradients are zero): "

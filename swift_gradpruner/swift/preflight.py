@@ -84,11 +84,10 @@ def preflight(args, config: GradPruneConfig) -> ModelFacts:
             f"--fsdp {args.fsdp} is not supported with --gradprune yet (FSDP shards the LoRA gradients and "
             "GradPruner reads them through DeepSpeed's API): use --deepspeed zero2 or zero3"
         )
-    if getattr(args, "use_ray", False):
-        raise GradPruneConfigError(
-            "--use_ray is not supported with --gradprune: GradPruner runs its phases in the training processes "
-            "that swift starts; launch without Ray (torchrun: NPROC_PER_NODE / NNODES)"
-        )
+    if getattr(args, "use_ray", False):  # `swift sft` stops earlier (entry.refuse_ray); this is for the API
+        from .entry import RAY_REFUSED
+
+        raise GradPruneConfigError(RAY_REFUSED)
     if args.cached_dataset:
         raise GradPruneConfigError(
             f"--cached_dataset {' '.join(args.cached_dataset)} is not supported with --gradprune: GradPruner hashes "
