@@ -101,8 +101,10 @@ class GradPruneConfig:
         0.25,
     )
     steps: int | None = _help(
-        "Phase-1 LoRA optimizer steps t whose gradients are captured (Sec. 3.1). Default: "
-        f"step_ratio of the run's total optimizer steps T, at least {MIN_STEPS}.",
+        "Phase-1 LoRA optimizer steps t whose gradients are captured (Sec. 3.1); phase 1 runs only when an "
+        f"IGIA score or a merge reads them. Default: step_ratio of the run's total optimizer steps T, at least "
+        f"{MIN_STEPS}. At least {FEWEST_STEPS}, and {FEWEST_STEPS + 1} with LoRA's default initialisation (B = 0: "
+        "the first step has no gradient signal).",
         None,
     )
     step_ratio: float = _help(
