@@ -319,7 +319,7 @@ BAD_INPUTS = [
     (["--gradprune_prune_layers", "2", "--gradprune_merge_layers", "3"], "gradprune merge_layers=3 is invalid"),
     (["--gradprune_prune_layers", "6"], "the model has 6 decoder layers, so it must be between 1 and 5"),
     (["--target_modules", "foo_proj"], "LoRA target modules 'foo_proj' match no linear layer"),
-    (["--target_regex", r"^model\.layers\.[45]\..*_proj$", "--gradprune_score", "squared"],
+    (["--target_regex", r".*\.layers\.[45]\..*_proj", "--gradprune_score", "squared"],
      "adapt no linear of decoder layers 0-3 (of 0-5): their IGIA scores would be 0"),
     (["--gradprune_steps", "1"], "gradprune steps=1 is invalid: must be an integer >= 2"),
     (["--gradprune_steps", "2", "--gradprune_score", "norm"], "phase 1 would capture 2 optimizer steps, and with"),
