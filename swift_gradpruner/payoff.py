@@ -72,8 +72,9 @@ def criterion_passes(criterion: str, remove: int, layers: int) -> float:
         return 0.0
     if criterion in ONE_PASS_CRITERIA:
         return 1.0
-    # Greedy (skip_loss, kl and any criterion not listed: the conservative guess).
-    return 1.0 + sum((layers - k) / 2 for k in range(remove))
+    # Greedy (skip_loss, kl and any criterion not listed: the conservative guess): each round runs the
+    # model once to cache every layer's input, then each remaining layer's tail (half the model on average).
+    return sum(1 + (layers - k) / 2 for k in range(remove))
 
 
 def estimate(*, total_steps: int, phase1_steps: int, criterion: str, remove: int, layers: int,
