@@ -27,7 +27,7 @@ _EXPORTS = {
     "save_checkpoint": "surgery",
     "UnsupportedModelError": "architecture",
     "prune_model": "prune",
-    "prune_checkpoint": "prune",
+    "prune_checkpoint": "checkpoint",
     "save_pruned": "prune",
     "PruneResult": "prune",
     "gradprune_sft_main": "swift.entry",

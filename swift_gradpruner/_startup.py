@@ -19,6 +19,7 @@ import sys
 
 SWIFT_SFT_SCRIPT = "swift/cli/sft.py"
 TARGET_MODULE = "swift.pipelines.train.sft"
+RAY_MODULE = "swift.ray_utils"
 PENDING: list[str] = []
 """The ``--gradprune*`` arguments taken out of sys.argv, for the wrapped sft_main."""
 
@@ -39,10 +40,11 @@ def install() -> None:
 
 class _PatchSftMain:
     """A sys.meta_path finder: when swift imports its sft pipeline module, it replaces that module's
-    ``sft_main`` with GradPruner's."""
+    ``sft_main`` with GradPruner's; when it imports ``swift.ray_utils``, whose ``try_init_ray`` starts
+    Ray before ``sft_main`` is reached, it refuses ``--use_ray`` first."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != TARGET_MODULE:
+        if fullname not in (TARGET_MODULE, RAY_MODULE):
             return None
         import importlib.machinery
 
@@ -53,6 +55,11 @@ class _PatchSftMain:
 
         def exec_module(module):
             original_exec(module)
+            if fullname == RAY_MODULE:
+                from .swift.entry import refuse_ray
+
+                module.try_init_ray = refuse_ray(module.try_init_ray, PENDING)
+                return
             from .swift.entry import wrap_sft_main
 
             module.sft_main = wrap_sft_main(module.sft_main, PENDING)

@@ -83,21 +83,21 @@ def _add_prune_parser(commands) -> None:
     pr.add_argument("--state", required=True, help="the run's gradprune/state folder")
     pr.add_argument("--out", required=True, help="folder for the pruned checkpoint (must not exist or be empty)")
     pr.add_argument("--model", help="the base model (default: the one the state was made from)")
-    for f in fields(GradPruneConfig):
-        pr.add_argument(f"--{f.name}", metavar="VALUE", help=f.metadata["help"])
+    for f in fields(GradPruneConfig):  # argparse formats help with %: a literal one must be doubled
+        pr.add_argument(f"--{f.name}", metavar="VALUE", help=f.metadata["help"].replace("%", "%%"))
 
 
 def _run_prune(args) -> int:
     import json
     from dataclasses import fields
 
+    from .checkpoint import prune_checkpoint
     from .config import GradPruneConfig, GradPruneConfigError
     from .importance import load_state
-    from .prune import prune_checkpoint
     from .surgery import check_output_dir
     from .swift.args import parse_gradprune
     from .swift.holdout import BATCHES_FILE, load_batches
-    from .swift.reuse import PHASE1_FILE
+    from .swift.reuse import PHASE1_FILE, state_contents
 
     state = Path(args.state)
     try:
@@ -109,13 +109,23 @@ def _run_prune(args) -> int:
         model = args.model or info["source_model"]
         if not (Path(model) / "config.json").is_file():
             raise GradPruneConfigError(f"--model {model} is not a model folder (no config.json)")
+        _check_same_model(model, info)
+        contents = state_contents(state)
+        if config.needs_gradients and not contents["igia"]:
+            raise GradPruneConfigError(f"--score {config.score} / --merge_layers {config.merge_layers} read phase-1 "
+                                       f"gradients and {state} has none (phase 1 did not run for it)")  # fmt: skip
+        if config.merge_layers != 0 and not contents["factors"]:
+            raise GradPruneConfigError(
+                f"merging rebuilds the IGIA matrix from phase 1's gradient factors and {state} no longer holds them "
+                "(deleted after pruning; --gradprune_keep_state true keeps them): use --merge_layers 0"
+            )
         check_output_dir(args.out, overwrite=False)
-        accumulator = load_state(state)
+        accumulator = load_state(state) if contents["igia"] else None
         batches = load_batches(state / BATCHES_FILE)
     except (GradPruneConfigError, FileExistsError, FileNotFoundError, ValueError) as error:
         print(f"gradprune prune: error: {error}", file=sys.stderr)
         return 2
-    extra = {key: info[key] for key in ("phase1", "source_model", "swift_settings")}
+    extra = {key: info.get(key) for key in ("phase1", "source_model", "model_fingerprint", "swift_settings")}
     extra.update(phase1_key=info["phase1_key"], phase1_state=str(state))
     swift_args = {"model": str(Path(args.out)), **info["swift_args"], "task_type": "causal_lm", "tuner_type": "full"}
     result = prune_checkpoint(model, accumulator, config, args.out, extra, swift_args, guard=batches["guard"] or None,
@@ -124,6 +134,27 @@ def _run_prune(args) -> int:
     print(f"pruned: {plan.num_layers} -> {len(plan.kept)} layers, removed {list(plan.removed)}, merged "
           f"{dict(plan.merged)}; saved to {args.out}")  # fmt: skip
     return 0
+
+
+def _check_same_model(model: str, info: dict) -> None:
+    """The state's gradients and rows belong to the model it was made from: refuse any other weights
+    (another folder, or the same folder after its files changed)."""
+    from .config import GradPruneConfigError
+    from .swift.keys import model_fingerprint
+
+    recorded = info.get("model_fingerprint")
+    if recorded is None:
+        raise GradPruneConfigError(
+            "the state records no fingerprint of its model (made by an older swift-gradpruner), so it cannot be "
+            "checked against --model; run the swift sft command again to make a new state"
+        )
+    now = model_fingerprint(model)
+    changed = sorted({name for name in set(now) | set(recorded) if now.get(name) != recorded.get(name)})
+    if changed:
+        raise GradPruneConfigError(
+            f"--model {model} is not the model the state was made from ({info['source_model']}): "
+            f"{', '.join(changed[:4])} differ{'s' if len(changed) == 1 else ''}; prune the model phase 1 ran on"
+        )
 
 
 def _add_bench_parser(commands) -> None:

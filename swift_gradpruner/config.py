@@ -19,6 +19,10 @@ REMOVAL_CRITERIA = ("kl", "skip_loss", "block_influence", "angular", "last")
 SCORE_KINDS = IGIA_SCORES + REMOVAL_CRITERIA
 MIN_STEPS = 10
 """Fewest phase-1 steps chosen from ``step_ratio`` (an explicit ``steps`` may be smaller)."""
+FEWEST_STEPS = 2
+"""Fewest phase-1 steps at all: step 1's simulated gradient is zero (LoRA B starts at 0)."""
+ADVISED_STEPS = 8
+"""Below this many phase-1 steps the run warns that the IGIA ranking rests on very few gradients."""
 DEFAULT_PRUNE_RATIO = 0.4
 PAPER_MERGE_SHARE = 3 / 13
 """The paper merges 3 of the 13 layers it removes from Llama-3.1-8B."""
@@ -99,8 +103,10 @@ class GradPruneConfig:
         0.1,
     )
     steps: int | None = _help(
-        "Phase-1 LoRA optimizer steps t whose gradients are captured (Sec. 3.1). Default: "
-        f"step_ratio of the run's total optimizer steps T, at least {MIN_STEPS}.",
+        "Phase-1 LoRA optimizer steps t whose gradients are captured (Sec. 3.1); phase 1 runs only when an "
+        f"IGIA score or a merge reads them. Default: step_ratio of the run's total optimizer steps T, at least "
+        f"{MIN_STEPS}. At least {FEWEST_STEPS}, and {FEWEST_STEPS + 1} with LoRA's default initialisation (B = 0: "
+        "the first step has no gradient signal).",
         None,
     )
     step_ratio: float = _help(
@@ -120,6 +126,13 @@ class GradPruneConfig:
         "measures more) and put the ratios in the report. Not part of the paper; turn off for a model too "
         "slow to run on CPU.",
         True,
+    )
+    keep_state: bool = _help(
+        "Keep phase 1's per-step LoRA gradient factors after pruning (in <output_dir>/gradprune/state), so "
+        "that a later run or `gradprune prune` can merge with other options without phase 1. They are "
+        "written only when a merge reads them (about 80 MiB per step for an 8B model at r=8) and deleted "
+        "after pruning unless this is true.",
+        False,
     )
 
     def __post_init__(self) -> None:
@@ -152,12 +165,14 @@ class GradPruneConfig:
             _fail("merge_mode", self.merge_mode, f"must be one of {', '.join(MERGE_MODES)}")
         if self.score not in SCORE_KINDS:
             _fail("score", self.score, f"must be one of {', '.join(SCORE_KINDS)}")
-        if self.steps is not None and (not _is_int(self.steps) or self.steps <= 0):
-            _fail("steps", self.steps, "must be an integer >= 1")
+        if self.steps is not None and (not _is_int(self.steps) or self.steps < FEWEST_STEPS):
+            why = f"step 1's LoRA gradients are zero as LoRA B starts at 0; {ADVISED_STEPS}+ rank more reliably"
+            _fail("steps", self.steps, f"must be an integer >= {FEWEST_STEPS} ({why})")
         if not (_is_real(self.step_ratio) and 0 < self.step_ratio < 1):
             _fail("step_ratio", self.step_ratio, "must be in (0, 1), e.g. 0.01")
-        if not isinstance(self.benchmark, bool):
-            _fail("benchmark", self.benchmark, "must be true or false")
+        for name in ("benchmark", "keep_state"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be true or false")
         if not _is_int(self.guard_rows) or self.guard_rows < 0:
             _fail("guard_rows", self.guard_rows, "must be an integer >= 0")
         for name in ("lora_rank", "lora_alpha", "calibration_rows"):
@@ -170,6 +185,17 @@ class GradPruneConfig:
         if self.merge_layers is not None:
             return min(self.merge_layers, removed)
         return round(PAPER_MERGE_SHARE * removed)
+
+    @property
+    def needs_gradients(self) -> bool:
+        """Whether anything reads phase 1's LoRA gradients: an IGIA score, or a merge (ranked and
+        masked by IGIA; merge_layers None is the paper's share). Without it phase 1 is skipped."""
+        return self.score in IGIA_SCORES or self.merge_layers != 0
+
+    @property
+    def needs_factors(self) -> bool:
+        """Whether the per-step gradient factors are read (to rebuild F for a merge) or kept."""
+        return self.merge_layers != 0 or self.keep_state
 
     @property
     def needs_calibration(self) -> bool:
@@ -191,7 +217,13 @@ class GradPruneConfig:
                     f"must be < the run's {total_steps} optimizer steps; lower it or lengthen the run",
                 )
             return self.steps
-        return min(max(math.ceil(self.step_ratio * total_steps), MIN_STEPS), total_steps - 1)
+        steps = min(max(math.ceil(self.step_ratio * total_steps), MIN_STEPS), total_steps - 1)
+        if steps < FEWEST_STEPS:
+            raise GradPruneConfigError(
+                f"the run has {total_steps} optimizer steps; phase 1 needs at least {FEWEST_STEPS} of them (step 1's "
+                "LoRA gradients are zero) and phase 2 at least 1: raise --max_steps or --num_train_epochs"
+            )
+        return steps
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -38,8 +38,8 @@ report_to: none
 output_dir: gradprune_demo/output
 # GradPruner with its defaults: 40% of the decoder-layer parameters removed (3 of the 8 layers),
 # chosen by what removing each does to the loss on rows of this data (skip_loss), none merged;
-# phase 1 (1% of the run, at least 10 steps) records the LoRA gradients for the report and any
-# re-prune; a quality guard measures how far the pruned model moved from the dense one on 32 held-out rows.
+# no phase 1 (neither the criterion nor a merge reads LoRA gradients); a quality guard measures how far
+# the pruned model moved from the dense one (KL) on 32 held-out rows.
 gradprune: true
 """
 
@@ -77,8 +77,8 @@ def run_demo(root: str | Path = "gradprune_demo") -> int:
         return code
     run_dir = max((root / "output").glob("v*"), key=lambda p: p.stat().st_mtime)
     checkpoint = max(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    # The base the phase-2 checkpoint was trained on: this run's gradprune/model, or, when the demo
-    # is run again, the identical pruned model of the earlier run, which swift sft reused.
+    # The base the phase-2 checkpoint was trained on: this run's gradprune/model (when the demo is run
+    # again, a hard-linked copy of the earlier run's identical pruned model, which swift sft reused).
     pruned = _relative(Path(json.loads((checkpoint / "args.json").read_text())["model"]))
     questions = root / "questions.jsonl"
     questions.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n" for q in QUESTIONS))

@@ -47,6 +47,18 @@ class StepCounts:
     """Used steps whose simulated gradient was zero for every linear (LoRA B = 0 at init)."""
 
 
+def _on_cpu(values: list[torch.Tensor]) -> torch.Tensor:
+    """0-dim tensors that may live on different devices (a model split with ``device_map='auto'``) as one
+    CPU tensor, in order: stacked per device, one transfer each."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, value in enumerate(values):
+        by_device.setdefault(value.device, []).append(i)
+    out = torch.empty(len(values), dtype=torch.float64)
+    for indices in by_device.values():
+        out[indices] = torch.stack([values[i] for i in indices]).to("cpu", torch.float64)
+    return out
+
+
 def simulated_grad_sq_norm(grad_a: torch.Tensor, grad_b: torch.Tensor) -> torch.Tensor:
     """||gB @ gA||_F^2 through the Gram identity, in float64 (a 0-dim tensor on the input's device)."""
     a = grad_a.detach().to(torch.float64)
@@ -88,7 +100,7 @@ class IGIAAccumulator:
         if self._shapes and set(names) != set(self._shapes):
             missing = sorted(set(self._shapes) ^ set(names))[:3]
             raise ValueError(f"LoRA gradients changed between steps (e.g. {missing}); feed the same linears")
-        sq = torch.stack([simulated_grad_sq_norm(*grads[n]) for n in names]).cpu()
+        sq = _on_cpu([simulated_grad_sq_norm(*grads[n]) for n in names])
         if not bool(torch.isfinite(sq).all()):
             self._skipped += 1
             return False
@@ -178,21 +190,22 @@ STATE_FILE = "igia_state.json"
 
 
 def _state_of(acc: IGIAAccumulator) -> dict:
-    return {"format": 1, "sq_sum": acc._sq_sum, "norm_sum": acc._norm_sum,
+    return {"format": 1, "factors": acc.keep_factors, "sq_sum": acc._sq_sum, "norm_sum": acc._norm_sum,
             "shapes": {n: list(s) for n, s in acc._shapes.items()}, "used": acc._used,
             "skipped_nonfinite": acc._skipped, "zero": acc._zero, "step_files": acc._step_files}  # fmt: skip
 
 
 def save_state(accumulator: IGIAAccumulator, directory: str | os.PathLike) -> Path:
     """Write what F and the scores need (sums, step counts, per-step factors as safetensors, a JSON
-    index; never pickle) to ``directory``, so pruning can be redone without phase 1 (``load_state``)."""
+    index; never pickle) to ``directory``, so pruning can be redone without phase 1 (``load_state``).
+    An accumulator built with ``keep_factors=False`` saves its sums only (scores, no F)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if not accumulator.keep_factors:
-        raise ValueError("this accumulator keeps no factors (keep_factors=False): its F cannot be saved")
-    if accumulator.factor_dir is None:  # in memory: write them now, in the same layout
+    if not accumulator.keep_factors:  # the sums and counts alone: scores, but no F
+        state = _state_of(accumulator)
+    elif accumulator.factor_dir is None:  # in memory: write them now, in the same layout
         accumulator._step_files = []
         for i, step in enumerate(accumulator._factors, 1):
             name = f"step-{i:06d}.safetensors"
@@ -220,12 +233,38 @@ def load_state(directory: str | os.PathLike) -> IGIAAccumulator:
     missing = [n for n in state["step_files"] if not (directory / n).is_file()]
     if state.get("format") != 1 or missing:
         raise ValueError(f"{directory} holds an incomplete IGIA state (missing {missing[:3]})")
-    acc = IGIAAccumulator(keep_factors=True, factor_dir=directory)
+    factors = state.get("factors", True)
+    acc = IGIAAccumulator(keep_factors=factors, factor_dir=directory if factors else None)
     acc._sq_sum, acc._norm_sum = dict(state["sq_sum"]), dict(state["norm_sum"])
     acc._shapes = {n: (int(s[0]), int(s[1])) for n, s in state["shapes"].items()}
     acc._used, acc._skipped, acc._zero = state["used"], state["skipped_nonfinite"], state["zero"]
     acc._step_files = list(state["step_files"])
     return acc
+
+
+def state_has_factors(directory: str | os.PathLike) -> bool:
+    """Whether a saved state holds the per-step factors (F can be rebuilt from it, for a merge)."""
+    path = Path(directory) / STATE_FILE
+    return path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("factors", True)
+
+
+def drop_factors(directory: str | os.PathLike) -> int:
+    """Delete a saved state's per-step factor files, keeping its sums (scores stay, F cannot be rebuilt);
+    returns the bytes freed. The index is rewritten first, so an interruption leaves a valid state."""
+    directory = Path(directory)
+    path = directory / STATE_FILE
+    state = json.loads(path.read_text(encoding="utf-8"))
+    files = [directory / name for name in state["step_files"]]
+    state.update(factors=False, step_files=[])
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(state) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    freed = 0
+    for file in files:
+        if file.is_file():
+            freed += file.stat().st_size
+            file.unlink()
+    return freed
 
 
 def layer_scores(

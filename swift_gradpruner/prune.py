@@ -1,4 +1,7 @@
-"""One GradPruner step on an in-memory model: score -> select -> merge -> remove, plus its report."""
+"""One GradPruner step on an in-memory model: score -> select -> merge -> remove, plus its report.
+
+``checkpoint.prune_checkpoint`` runs it on a checkpoint on disk (loading, streaming, saving).
+"""
 
 from __future__ import annotations
 
@@ -18,13 +21,14 @@ from .architecture import LAYERS_PREFIX, parameter_counts
 from .bench.inference import REPORT_WORKLOADS, TransformersEngine, Workload, compare_inference
 from .config import IGIA_SCORES, GradPruneConfig
 from .criteria import Batch, mean_loss, reference_of, removed_layers
+from .flops import matmul_weights
 from .guard import GuardError, GuardReport, kl_with_plan, largest_within, loss_with_plan
 from .importance import IGIAAccumulator, layer_scores
 from .merge import merge_removed_layers
 from .report import PLOT_NAME, REPORT_NAME, plot_layer_scores, write_json
 from .selection import LayerPlan, layers_to_remove, plan_layers, plan_removal
 from .serving import vllm_refusal
-from .surgery import Snapshot, atomic_dir, remove_layers, save_checkpoint
+from .surgery import Snapshot, remove_layers, save_checkpoint
 
 
 @dataclass
@@ -61,8 +65,10 @@ def prune_model(
     ``surgery(plan, igia)``, when given, merges and writes the weights elsewhere (streaming.py) and
     returns the merged fractions; ``model`` (then a meta-device model) only loses its layers.
     """
-    stage = _stages(log)
+    seconds: dict[str, float] = {}
+    stage = _stages(log, seconds)
     per_layer, total_before = parameter_counts(model)
+    compute_before = matmul_weights(model)
     if accumulator is None:
         if config.score in IGIA_SCORES or config.merge_layers != 0:
             raise ValueError(f"score={config.score!r} with merge_layers={config.merge_layers} needs the IGIA gradients")
@@ -89,18 +95,19 @@ def prune_model(
                 plans[count] = (plan_removal(len(per_layer), removed, merge, scores), measured)
         return plans[count][0]
 
-    with stage(f"choosing the layers to remove ({config.score}" + (", quality guard" if guard else "") + ")"):
+    with stage(f"choosing the layers to remove ({config.score}" + (", quality guard" if guard else "") + ")", "choice"):
         remove, guard_report = _layer_count(model, config, per_layer, total_before, plan_for, igia, guard)
         plan = plan_for(remove)
     criterion = plans[remove][1]
     snapshot = Snapshot(model, weights_of=sorted(set(plan.merged.values()))) if config.benchmark else None
-    with stage(f"merging {len(plan.merged)} and removing {len(plan.removed)} of {len(per_layer)} layers"):
+    with stage(f"merging {len(plan.merged)} and removing {len(plan.removed)} of {len(per_layer)} layers", "surgery"):
         fractions = merge_removed_layers(model, plan, igia, config) if surgery is None else surgery(plan, igia)
         remove_layers(model, plan.removed)
     _, total_after = parameter_counts(model)
+    kept_compute = matmul_weights(model) / compute_before
     timing = {}
     if snapshot is not None:
-        with stage(f"timing dense vs pruned on {next(model.parameters()).device.type} (alternating rounds)"):
+        with stage(f"timing dense vs pruned on {next(model.parameters()).device.type} (alternating rounds)", "timing"):
             timing["inference_benchmark"] = time_dense_vs_pruned(model, snapshot)
         del snapshot  # the removed layers go with it
     report = {
@@ -123,7 +130,9 @@ def prune_model(
         "params_after": total_after,
         "params_removed_fraction": 1 - total_after / total_before,
         "decoder_params_removed_fraction": sum(per_layer[j] for j in plan.removed) / sum(per_layer),
+        "kept_compute_fraction": kept_compute,
         "factor_store_bytes": accumulator.factor_bytes,
+        "stage_seconds": seconds,
         **timing,
         **({"quality_guard": guard_report.to_dict()} if guard_report else {}),
         **({"vllm_unsupported": refusal} if (refusal := vllm_refusal(model.config)) else {}),
@@ -156,17 +165,21 @@ def time_dense_vs_pruned(model: nn.Module, dense: Snapshot, rounds: int = 5) -> 
     return entry
 
 
-def _stages(log: Callable[[str], None] | None):
-    """A context manager factory: logs '<what> ...' and '<what>: done in N s' around a stage."""
+def _stages(log: Callable[[str], None] | None, seconds: dict[str, float] | None = None):
+    """A context manager factory: logs '<what> ...' and '<what>: done in N s' around a stage, and adds
+    the duration to ``seconds[key]`` when a key is given."""
 
     @contextmanager
-    def stage(what: str):
+    def stage(what: str, key: str | None = None):
         start = time.perf_counter()
         if log:
             log(f"[GradPruner] {what} ...")
         yield
+        took = time.perf_counter() - start
+        if seconds is not None and key is not None:
+            seconds[key] = seconds.get(key, 0.0) + took
         if log:
-            log(f"[GradPruner] {what}: done in {time.perf_counter() - start:.1f} s")
+            log(f"[GradPruner] {what}: done in {took:.1f} s")
 
     return stage
 
@@ -175,7 +188,11 @@ def _layer_count(model, config, per_layer, total, plan_for, igia, guard) -> tupl
     """N (fixed, or 'auto': the largest within the guard's threshold) and the guard's measurements."""
     if config.prune_layers == "auto":
         if not guard:
-            raise ValueError("prune_layers='auto' needs held-out guard batches to measure the damage on")
+            raise GuardError(
+                "prune_layers=auto measures the damage on held-out guard rows and there are none (the training set "
+                "is smaller than 4 x --gradprune_guard_rows, streaming, or no row could be encoded); set "
+                "--gradprune_prune_layers to a number"
+            )
         ceiling = layers_to_remove(replace(config, prune_layers=None, merge_layers=0), per_layer, total)
     else:
         ceiling = layers_to_remove(config, per_layer, total)
@@ -237,89 +254,3 @@ def _report_files(result: PruneResult, extra_files: dict[str, Any] | None) -> di
     for name, content in (extra_files or {}).items():
         files[name] = lambda path, content=content: write_json(path, content)
     return files
-
-
-def prune_checkpoint(model_dir: str | os.PathLike, accumulator: IGIAAccumulator, config: GradPruneConfig,
-                     out_dir: str | os.PathLike, extra: dict[str, Any], swift_args: dict[str, Any], *,
-                     guard=None, calibration=None, log=print, warn=print) -> PruneResult:  # fmt: skip
-    """Load the base checkpoint in its own dtype, prune and merge it, save it with its report.
-
-    The model runs on the GPU when there is one and it fits (forward passes of the guard and the
-    criteria, the merge, the timing), else on the CPU. ``swift_args`` becomes the checkpoint's
-    args.json, from which ``swift infer --model`` and ``swift export`` take model_type and template
-    (``swift sft`` ignores it: load_args is off there). ``guard`` and ``calibration`` are encoded
-    batches of held-out and of training rows (swift/holdout.py). ``log`` and ``warn`` receive progress
-    lines and the quality guard's warning.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if config.score in IGIA_SCORES and not guard and not config.benchmark and _has_safetensors(model_dir):
-        result = _prune_streaming(model_dir, accumulator, config, out_dir, extra, swift_args, log)
-    else:
-        with _zero3_init_off():
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map="cpu")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = _onto(model, device)
-        result = prune_model(model, accumulator, config, calibration=calibration, guard=guard, device=device,
-                             extra=extra, log=log)  # fmt: skip
-        if result.guard is not None and not result.guard.ok:
-            warn(f"[GradPruner] WARNING: {result.guard.message(len(result.plan.removed))}")
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        log(f"[GradPruner] saving the pruned model to {out_dir} ...")
-        save_pruned(model, result, out_dir, tokenizer=tokenizer, overwrite=True,
-                    extra_files={"args.json": swift_args})  # fmt: skip
-    if "vllm_unsupported" in result.report:
-        warn(f"[GradPruner] WARNING: vLLM cannot serve the pruned model: {result.report['vllm_unsupported']}")
-    return result
-
-
-def _prune_streaming(model_dir, accumulator, config, out_dir, extra, swift_args, log) -> PruneResult:
-    """prune_checkpoint without loading the model: nothing needs to run it (an IGIA ranking, no quality
-    guard, no timing), so the shards are pruned one layer at a time (streaming.py)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .streaming import write_pruned
-
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    log(f"[GradPruner] streaming surgery: {model_dir} is pruned shard by shard, one layer in memory at a time")
-    with atomic_dir(out_dir, overwrite=True) as folder:
-
-        def surgery(plan: LayerPlan, igia) -> dict[int, dict[str, float]]:
-            return write_pruned(model_dir, folder, plan, igia, config)
-
-        result = prune_model(meta, accumulator, config, extra=extra, log=log, surgery=surgery)
-        for name, write in _report_files(result, {"args.json": swift_args}).items():
-            write(folder / name)
-    return result
-
-
-def _has_safetensors(model_dir) -> bool:
-    from .streaming import INDEX_NAME
-
-    return (Path(model_dir) / "model.safetensors").is_file() or (Path(model_dir) / INDEX_NAME).is_file()
-
-
-def _onto(model, device: str):
-    """``model`` on ``device`` if it fits there, else where it is."""
-    if device == "cpu":
-        return model
-    try:
-        return model.to(device)
-    except torch.OutOfMemoryError:
-        model.to("cpu")
-        torch.cuda.empty_cache()
-        return model
-
-
-@contextmanager
-def _zero3_init_off():
-    """Load a whole model on one rank even inside a ZeRO-3 run (transformers would partition it)."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved

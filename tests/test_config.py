@@ -31,7 +31,7 @@ def test_defaults_are_the_papers():
         (dict(merge_layers=-1), "gradprune merge_layers=-1 is invalid: must be an integer >= 0"),
         (dict(topp=0), "gradprune topp=0 is invalid: must be in (0, 1]"),
         (dict(topp=1.5), "gradprune topp=1.5 is invalid: must be in (0, 1]"),
-        (dict(steps=0), "gradprune steps=0 is invalid: must be an integer >= 1"),
+        (dict(steps=0), "gradprune steps=0 is invalid: must be an integer >= 2"),
         (dict(steps=-3), "gradprune steps=-3 is invalid"),
         (dict(step_ratio=0), "gradprune step_ratio=0 is invalid: must be in (0, 1)"),
         (
@@ -41,6 +41,7 @@ def test_defaults_are_the_papers():
         (dict(score="l1"), "gradprune score='l1' is invalid: must be one of squared, norm"),
         (dict(lora_rank=0), "gradprune lora_rank=0 is invalid"),
         (dict(benchmark="yes"), "gradprune benchmark='yes' is invalid: must be true or false"),
+        (dict(keep_state="no"), "gradprune keep_state='no' is invalid: must be true or false"),
     ],
 )
 def test_bad_values_raise_one_line_errors(kwargs, message):
@@ -48,6 +49,24 @@ def test_bad_values_raise_one_line_errors(kwargs, message):
         GradPruneConfig(**kwargs)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_one_phase1_step_is_refused_it_has_no_gradient():
+    """Issue 18 item 4: LoRA B starts at 0, so step 1's simulated gradient is zero for every linear; a
+    phase 1 of one step scores every layer 0 and the tie-break alone would choose the layers."""
+    with pytest.raises(GradPruneConfigError, match="steps=1 is invalid: must be an integer >= 2"):
+        GradPruneConfig(steps=1)
+    assert GradPruneConfig(steps=2).phase1_steps(3) == 2
+    with pytest.raises(GradPruneConfigError, match="phase 1 needs at least 2 of them"):
+        GradPruneConfig().phase1_steps(2)  # the default t would be 1 of T = 2
+
+
+def test_what_reads_the_gradients():
+    assert not GradPruneConfig(score="block_influence").needs_gradients
+    assert GradPruneConfig(score="squared").needs_gradients and GradPruneConfig(score="norm").needs_gradients
+    assert GradPruneConfig(score="block_influence", merge_layers=None).needs_gradients  # the paper's share merges
+    assert GradPruneConfig(score="last", merge_layers=1).needs_factors
+    assert not GradPruneConfig(score="squared").needs_factors and GradPruneConfig(keep_state=True).needs_factors
 
 
 def test_phase1_steps():

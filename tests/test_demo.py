@@ -35,12 +35,13 @@ def test_demo_end_to_end_and_again(tmp_path):
     assert "A: " in proc.stdout
     assert "inference on cpu (transformers, float32): decode time: pruned" in proc.stdout
 
-    # The README command run a second time: phase 1 is reused, phase 2 runs again in a new folder.
+    # The README command run a second time: the pruned model is reused (hard-linked into the new version
+    # folder, which its checkpoints name), phase 2 runs again.
     again = _demo(tmp_path)
     second = max((root / "output").glob("v*"), key=lambda p: p.name)
-    assert second != run and not (second / "gradprune").exists()
+    assert second != run and not (second / "gradprune" / "state").exists()
     assert (second / "checkpoint-150" / "adapter_model.safetensors").is_file()
-    assert f"pruned model     : {pruned.relative_to(tmp_path)}" in again.stdout
+    assert f"pruned model     : {(second / 'gradprune' / 'model').relative_to(tmp_path)}" in again.stdout
 
     # The example YAML (README: after the demo made gradprune_demo/) runs as typed, reusing the pruned model.
     yaml_file = Path(__file__).parent.parent / "examples" / "yaml" / "tiny_cpu.yaml"

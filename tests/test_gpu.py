@@ -105,3 +105,22 @@ def test_phase1_hands_back_gpu_memory_and_phase2_peaks_like_a_fresh_run(tmp_path
         return max(float(row["memory(GiB)"]) for row in rows if "memory(GiB)" in row)
 
     assert peak(run_dir(out)) <= max(1.02 * peak(run_dir(fresh)), peak(run_dir(fresh)) + 0.01)
+
+
+def test_gradients_spread_over_devices_as_device_map_auto_places_them():
+    """Issue 18 item 11: with ``device_map='auto'`` (ms-swift's default for several GPUs in one process,
+    e.g. QLoRA 70B) the LoRA gradients of different layers live on different devices; the accumulator
+    must take them as they are (it once stacked them into one tensor and failed at the first step)."""
+    devices = ["cuda:0", "cuda:1"] if torch.cuda.device_count() > 1 else ["cuda:0", "cpu"]
+    gen = torch.Generator().manual_seed(0)
+    steps = [
+        {f"model.layers.{j}.mlp.up_proj": (torch.randn(4, 32, generator=gen), torch.randn(48, 4, generator=gen))
+         for j in range(4)}
+        for _ in range(3)
+    ]  # fmt: skip
+    spread, together = IGIAAccumulator(), IGIAAccumulator()
+    for grads in steps:
+        together.update(grads)
+        spread.update({n: (a.to(devices[j % 2]), b.to(devices[j % 2])) for j, (n, (a, b)) in enumerate(grads.items())})
+    assert spread.linear_scores() == pytest.approx(together.linear_scores(), rel=1e-12)
+    torch.testing.assert_close(spread.igia("model.layers.1.mlp.up_proj"), together.igia("model.layers.1.mlp.up_proj"))

@@ -171,6 +171,29 @@ def test_saved_state_rebuilds_scores_and_f_exactly(tmp_path, on_disk):
         load_state(tmp_path)
 
 
+def test_a_state_without_factors_keeps_the_scores_and_frees_the_disk(tmp_path):
+    """Issue 18 item 8: the factors are written only when a merge reads them, and deleted after pruning;
+    the sums alone still give the scores when the state is loaded again."""
+    from swift_gradpruner.importance import drop_factors, load_state, save_state, state_has_factors
+
+    steps = random_steps(steps=3, scale=1e-6)
+    sums_only = fed(steps, keep_factors=False)
+    save_state(sums_only, tmp_path / "sums")
+    assert not list((tmp_path / "sums").glob("step-*")) and not state_has_factors(tmp_path / "sums")
+    again = load_state(tmp_path / "sums")
+    assert again.linear_scores() == fed(steps).linear_scores() and again.counts == sums_only.counts
+    with pytest.raises(ValueError, match="keep_factors=False; F cannot be rebuilt"):
+        again.igia("model.layers.0.mlp.up_proj")
+
+    full = fed(steps, factor_dir=tmp_path / "full")
+    save_state(full, tmp_path / "full")
+    assert state_has_factors(tmp_path / "full") and len(list((tmp_path / "full").glob("step-*"))) == 3
+    size = full.factor_disk_bytes
+    assert drop_factors(tmp_path / "full") == size > 0
+    assert not list((tmp_path / "full").glob("step-*")) and not state_has_factors(tmp_path / "full")
+    assert load_state(tmp_path / "full").linear_scores() == full.linear_scores()
+
+
 def test_igia_in_step_chunks_equals_the_reference(monkeypatch):
     from swift_gradpruner import importance
 

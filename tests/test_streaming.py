@@ -12,10 +12,10 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import random_lora_grads
+from swift_gradpruner.checkpoint import prune_checkpoint
 from swift_gradpruner.config import GradPruneConfig
 from swift_gradpruner.importance import IGIAAccumulator
 from swift_gradpruner.merge import merge_removed_layers
-from swift_gradpruner.prune import prune_checkpoint
 from swift_gradpruner.report import PLOT_NAME, REPORT_NAME
 from swift_gradpruner.selection import plan_removal
 from swift_gradpruner.streaming import INDEX_NAME, stream_prune, weight_files

@@ -50,7 +50,7 @@ def test_lora_run_end_to_end(tiny, tmp_path):
         "--max_grad_norm", "0", "--save_steps", "10", "--output_dir", str(out),
         "--external_plugins", str(TESTS / "plugins" / "grad_recorder.py"), "--callbacks", "grad_recorder",
         "--gradprune", "true", "--gradprune_prune_layers", "2", "--gradprune_merge_layers", "1",
-        "--gradprune_steps", "4",
+        "--gradprune_steps", "4", "--gradprune_keep_state", "true",
         cwd=tmp_path, env={"GRAD_RECORD_DIR": str(record)},
     ))  # fmt: skip
     run = run_dir(out)
@@ -72,6 +72,9 @@ def test_lora_run_end_to_end(tiny, tmp_path):
     assert decode["workload"]["new_tokens"] == 32 and len(decode["dense"]["values"]) == len(decode["pruned"]["values"])
     assert decode["dense_tokens_per_s"] == pytest.approx(32 / decode["dense"]["median"])
     assert "decode time: pruned" in proc.output.split("[GradPruner] removed 2 of 6 layers")[1].splitlines()[0]
+    assert report["whole_run"]["ratio_source"] == "measured: prefill on cpu"  # the timing's step ratio
+    assert report["whole_run"]["step_ratio"] == timing["workloads"]["prefill"]["ratio"]
+    assert len(list((run / "gradprune" / "state").glob("step-*.safetensors"))) == 4  # --gradprune_keep_state true
 
     # Capture correctness: 4 optimizer steps of 2 micro-batches each were recorded independently.
     steps = [torch.load(p) for p in sorted(record.glob("step*.pt"))]
@@ -150,6 +153,8 @@ def test_full_run_from_yaml_then_rerun_and_resume(tiny, tmp_path):
     assert removed >= 2 and len(report["merged_layers"]) == 1
     assert report["config"]["merge_mode"] == "fisher" and report["phase1"]["lora_rank"] == 8  # GradPruner's
     assert "inference_benchmark" not in report
+    assert (first / "gradprune" / "state" / "igia_state.json").is_file()
+    assert not list((first / "gradprune" / "state").glob("step-*"))  # item 8: a merge read them, then deleted
     checkpoint = first / "checkpoint-8"
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     assert model.config.num_hidden_layers == 6 - removed
@@ -166,10 +171,16 @@ def test_full_run_from_yaml_then_rerun_and_resume(tiny, tmp_path):
     # The same command again, resuming phase 2 from its step-4 checkpoint: phase 1 is not redone.
     proc = check(swift("sft", str(config_file), "--resume_from_checkpoint", str(first / "checkpoint-4"), cwd=tmp_path))
     second = run_dir(out)
-    assert second != first and not (second / "gradprune").exists()
-    assert f"reusing the pruned model of an earlier run with the same settings: {first}" in proc.output
+    assert second != first and not (second / "gradprune" / "state").exists()
+    reused = "reusing the pruned model of an earlier run with the same settings: "
+    assert f"{reused}{first / 'gradprune' / 'model'} (hard-linked (no extra disk) into {second}" in proc.output
     state = json.loads((second / "checkpoint-8" / "trainer_state.json").read_text())
     assert state["global_step"] == 8 and len(logged_losses(second)) == 4  # steps 5..8 only
+    # Item 7: v1's checkpoints name v1's own copy (hard links) of the pruned model, not v0's.
+    own = second / "gradprune" / "model"
+    assert json.loads((second / "checkpoint-8" / "args.json").read_text())["model"] == str(own)
+    weights = "model.safetensors"
+    assert (own / weights).stat().st_ino == (first / "gradprune" / "model" / weights).stat().st_ino
 
     # Different GradPruner settings cannot resume a checkpoint trained on another pruned model.
     proc = swift("sft", str(config_file), "--gradprune_topp", "0.5", "--resume_from_checkpoint",
@@ -178,8 +189,13 @@ def test_full_run_from_yaml_then_rerun_and_resume(tiny, tmp_path):
     assert "[GradPruner] error: --resume_from_checkpoint" in proc.output
     assert sorted(p.name for p in out.iterdir()) == sorted([first.name, second.name])
 
+    import shutil
 
-def test_auto_skip_loss_then_reprune_from_the_saved_phase_1(tiny, tmp_path):
+    shutil.rmtree(first)  # deleting v0 orphans nothing: v1's checkpoint still loads on its base
+    assert AutoModelForCausalLM.from_pretrained(second / "checkpoint-8").config.num_hidden_layers == 6 - removed
+
+
+def test_auto_skip_loss_then_reprune_from_the_saved_phase_1(tiny, tmp_path, capsys):
     """prune_layers=auto: the largest count (up to prune_ratio's) within the guard's threshold, chosen
     by the removal-damage criterion on calibration rows. The same command with other pruning options
     prunes again from the saved phase-1 state without training phase 1 - also with a criterion that
@@ -188,7 +204,7 @@ def test_auto_skip_loss_then_reprune_from_the_saved_phase_1(tiny, tmp_path):
     out = tmp_path / "runs"
     common = ["sft", "--model", str(tiny["llama"]), "--model_type", "llama", "--dataset", str(tiny["data"]), *COMMON,
               "--max_steps", "6", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
-              "--save_steps", "6", "--gradprune", "true", "--gradprune_steps", "2", "--gradprune_benchmark", "false",
+              "--save_steps", "6", "--gradprune", "true", "--gradprune_steps", "3", "--gradprune_benchmark", "false",
               "--gradprune_calibration_rows", "8", "--output_dir", str(out)]  # fmt: skip
     auto = [
         "--gradprune_prune_layers",
@@ -203,11 +219,11 @@ def test_auto_skip_loss_then_reprune_from_the_saved_phase_1(tiny, tmp_path):
     report = report_of(out)
     assert report["num_layers_before"] - report["num_layers_after"] == 3  # the ceiling: 50% of 6 layers
     assert report["config"]["score"] == "squared"
-    assert report["quality_guard"]["ok"] and "[GradPruner] WARNING" not in proc.output
+    assert report["quality_guard"]["ok"] and "[GradPruner] WARNING: pruned-model loss" not in proc.output
     assert "[GradPruner] phase 1 done" in proc.output
     state = first / "gradprune" / "state"
     assert (state / "igia_state.json").is_file() and (state / "batches.safetensors").is_file()
-    assert len(list(state.glob("step-*.safetensors"))) == 2
+    assert not list(state.glob("step-*.safetensors"))  # item 8: nothing merges, nothing reads the factors
 
     tight = ["--gradprune_prune_layers", "4", "--gradprune_merge_layers", "0", "--gradprune_max_kl", "0"]
     proc = check(swift(*common, *tight, cwd=tmp_path))  # the default, skip_loss
@@ -232,6 +248,19 @@ def test_auto_skip_loss_then_reprune_from_the_saved_phase_1(tiny, tmp_path):
     assert json.loads((again / "args.json").read_text())["model_type"] == "llama"
     assert AutoModelForCausalLM.from_pretrained(again).config.num_hidden_layers == 5
     assert main(["prune", "--state", str(tmp_path), "--out", str(tmp_path / "x")]) == 2  # not a state: one line
+
+    # Item 1: the state belongs to the model phase 1 ran on; other weights (elsewhere or in place) are refused.
+    import shutil
+
+    from swift_gradpruner.tiny import build_model
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny["llama"], other)
+    build_model("llama", 6, vocab_size=AutoModelForCausalLM.from_pretrained(other).config.vocab_size,
+                seed=1).save_pretrained(other)  # fmt: skip
+    assert main(["prune", "--state", str(state), "--out", str(tmp_path / "o1"), "--model", str(other),
+                 "--prune_layers", "1", "--score", "last", "--benchmark", "false"]) == 2  # fmt: skip
+    assert "is not the model the state was made from" in capsys.readouterr().err and not (tmp_path / "o1").exists()
 
 
 def test_gradprune_sft_command_needs_no_start_up_hook(tiny, tmp_path):
@@ -284,17 +313,26 @@ def test_without_gradprune_swift_is_unchanged(tiny, tmp_path):
 
 
 BAD_INPUTS = [
-    (["--gradprune_steps", "8"], "gradprune steps=8 is invalid: must be < the run's 8 optimizer steps"),
+    (["--gradprune_steps", "8", "--gradprune_score", "squared"], "gradprune steps=8 is invalid: must be < the run's 8"),
     (["--gradprune_prune_ratio", "1.5"], "gradprune prune_ratio=1.5 is invalid: must be in (0, 1)"),
     (["--gradprune_prune_ratio", "0.01"], "gradprune prune_ratio=0.01 is invalid for this model"),
     (["--gradprune_prune_layers", "2", "--gradprune_merge_layers", "3"], "gradprune merge_layers=3 is invalid"),
     (["--gradprune_prune_layers", "6"], "the model has 6 decoder layers, so it must be between 1 and 5"),
     (["--target_modules", "foo_proj"], "LoRA target modules 'foo_proj' match no linear layer"),
+    (["--target_regex", r".*\.layers\.[45]\..*_proj", "--gradprune_score", "squared"],
+     "adapt no linear of decoder layers 0-3 (of 0-5): their IGIA scores would be 0"),
+    (["--gradprune_steps", "1"], "gradprune steps=1 is invalid: must be an integer >= 2"),
+    (["--gradprune_steps", "2", "--gradprune_score", "norm"], "phase 1 would capture 2 optimizer steps, and with"),
+    (["--cached_dataset", "@file"], "is not supported with --gradprune: GradPruner hashes"),
+    (["--use_ray", "true"], "--use_ray is not supported with --gradprune"),
+    (["@custom"], "GradPruner does not support model_type 'my_custom_lm'"),
+    (["--gradprune_prune_layers", "auto", "--gradprune_guard_rows", "100"],
+     "needs a training set of at least 400 rows; it has 256"),
     (["--gradprune_prune_layer", "2"], "unknown flag --gradprune_prune_layer; valid GradPruner flags"),
     (["--gradprune_topp", "abc"], "--gradprune_topp 'abc' is not a valid float"),
     (["--dataset", "./missing.jsonl"], "--dataset ./missing.jsonl: no such file"),
     (["--output_dir", "@file"], "is a file, not a folder; choose another --output_dir"),
-    (["--dataset", "@badrows"], "phase 1 failed:"),
+    (["--dataset", "@badrows"], "reading the training rows failed: "),
     (["--gradprune_prune_layers", "most"], "gradprune prune_layers='most' is invalid: must be an integer >= 1 or auto"),
     (["--gradprune_score", "skip_loss", "--streaming", "true"], "a --streaming dataset cannot provide"),
     (["--gradprune_merge_mode", "sum"], "gradprune merge_mode='sum' is invalid: must be one of add, average, fisher"),
@@ -312,6 +350,8 @@ def test_bad_input_fails_early_with_one_line_and_no_output_dir(tiny, tmp_path, e
         model, model_type, extra = str(_phi3(tiny["root"])), "phi3", []
     elif extra == ["@quantised"]:
         model, extra = str(_quantised(tiny["root"], tiny["llama"])), []
+    elif extra == ["@custom"]:
+        model, extra = str(_custom_code(tiny["root"], tiny["llama"])), []
     extra = [str(_adapter(tiny["root"], tiny["llama"])) if token == "@adapter" else token for token in extra]
     if "@file" in extra:
         (tmp_path / "a_file").write_text("not a folder")
@@ -329,6 +369,52 @@ def test_bad_input_fails_early_with_one_line_and_no_output_dir(tiny, tmp_path, e
     assert "Traceback" not in proc.output
     assert not out.exists()
     assert "Train:" not in proc.output  # nothing was trained
+
+
+def test_a_failed_phase_1_keeps_its_logs_and_names_them(tiny, tmp_path):
+    """Item 13: the one line names the file with the full error, and phase 1's own logs stay beside it."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json at all\n')
+    out = tmp_path / "out"
+    proc = swift("sft", "--model", str(tiny["llama"]), "--model_type", "llama", "--dataset", str(bad), *COMMON,
+                 "--max_steps", "8", "--gradient_accumulation_steps", "1", "--output_dir", str(out), "--gradprune",
+                 "true", "--gradprune_score", "squared", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" not in proc.output
+    last = proc.output.strip().splitlines()[-1]
+    log = run_dir(out) / "gradprune" / "phase1" / "error.log"
+    assert last.startswith("[GradPruner] error: phase 1 failed: ") and str(log.parent) in last, last
+    assert "Traceback" in log.read_text() and "DatasetGenerationError" in log.read_text()
+    assert not (run_dir(out) / "gradprune" / "state").exists()
+
+
+def test_phase_1_without_usable_gradients_saves_nothing(tiny, tmp_path):
+    """Item 4: with a learning rate of 0, LoRA B stays 0 and every captured gradient is zero: the run stops
+    after phase 1 with one line, and no state is left to be reused."""
+    out = tmp_path / "out"
+    proc = swift("sft", "--model", str(tiny["llama"]), "--model_type", "llama", "--dataset", str(tiny["data"]),
+                 *COMMON, "--max_steps", "8", "--gradient_accumulation_steps", "1", "--learning_rate", "0",
+                 "--output_dir", str(out), "--gradprune", "true", "--gradprune_score", "squared",
+                 "--gradprune_steps", "3", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" not in proc.output
+    last = proc.output.strip().splitlines()[-1]
+    assert last.startswith("[GradPruner] error: phase 1 captured 3 optimizer steps, of which 0 had non-zero"), last
+    assert not out.exists()
+
+
+def _custom_code(root: Path, source: Path) -> Path:
+    """A model whose config names its own code (auto_map), as custom-architecture hub models do."""
+    import shutil
+
+    path = root / "custom"
+    if not path.exists():
+        shutil.copytree(source, path)
+        config = json.loads((path / "config.json").read_text())
+        config.update(model_type="my_custom_lm", auto_map={"AutoConfig": "configuration_my.MyConfig"})
+        (path / "config.json").write_text(json.dumps(config))
+        (path / "configuration_my.py").write_text(
+            "from transformers import LlamaConfig\n\n\nclass MyConfig(LlamaConfig):\n    model_type = 'my_custom_lm'\n"
+        )
+    return path
 
 
 def _phi3(root: Path) -> Path:

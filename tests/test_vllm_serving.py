@@ -295,13 +295,13 @@ def swift_base(tokenizer, tmp_path_factory) -> dict:
 
 
 def gradprune_sft(base: Path, model_type: str, tuner: str, data: Path, out: Path, cwd: Path) -> Path:
-    """`swift sft --gradprune true` for 4 steps (phase 1: 2 steps); the phase-2 checkpoint folder."""
+    """`swift sft --gradprune true` for 4 steps (phase 1: 3 steps); the phase-2 checkpoint folder."""
     check(swift(
         "sft", "--model", str(base), "--model_type", model_type, "--dataset", str(data), *COMMON,
         "--tuner_type", tuner, "--learning_rate", "1e-4", "--max_steps", "4", "--save_steps", "4",
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--output_dir", str(out),
         "--gradprune", "true", "--gradprune_prune_layers", "2", "--gradprune_merge_layers", "1",
-        "--gradprune_steps", "2", "--gradprune_score", "squared", "--gradprune_benchmark", "false",
+        "--gradprune_steps", "3", "--gradprune_score", "squared", "--gradprune_benchmark", "false",
         cwd=cwd,
     ))  # fmt: skip
     report = report_of(out)

@@ -12,12 +12,15 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
 from ..config import GradPruneConfigError
 
+T = TypeVar("T")
 SEEN_WAIT_S = 20.0
 """How long a rank keeps looking for rank 0's marker (network file systems may cache a directory's
 listing for some seconds); only a run that is going to fail waits this long."""
@@ -30,6 +33,33 @@ def is_distributed() -> bool:
 def barrier() -> None:
     if is_distributed():
         torch.distributed.barrier()
+
+
+def broadcast_from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a picklable object); also a barrier."""
+    if not is_distributed() or torch.distributed.get_world_size() == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_rank0(work: Callable[[], T]) -> T | None:
+    """Run ``work`` on rank 0 while the other ranks wait; if it fails, every rank stops: rank 0 with its
+    own error, the others with one line naming it (rather than waiting forever for a rank that died)."""
+    rank = torch.distributed.get_rank() if is_distributed() else 0
+    result, failure = None, None
+    if rank == 0:
+        try:
+            result = work()
+        except BaseException as error:  # noqa: BLE001 - re-raised below, after the other ranks learn of it
+            failure = error
+    message = broadcast_from_rank0(None if failure is None else f"{type(failure).__name__}: {failure}"[:500])
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise GradPruneConfigError(f"rank 0 failed, so this rank stops too: {message}")
+    return result
 
 
 def check_shared_output_dir(output_dir: str | Path) -> None:

@@ -48,6 +48,39 @@ def wrap_sft_main(stock_sft_main: Callable, argv: list[str], on_by_default: bool
     return sft_main
 
 
+def refuse_ray(stock_try_init_ray: Callable, argv: list[str]) -> Callable:
+    """swift's ``try_init_ray`` for a ``swift sft`` process started with ``--gradprune*`` flags: with
+    GradPruner on, ``--use_ray`` ends the process with one line before Ray starts."""
+
+    def try_init_ray():
+        try:
+            raw, rest = split_argv(list(argv))
+            enabled = parse_gradprune(raw)[0]
+        except GradPruneConfigError:
+            enabled = False  # the wrapped sft_main reports the bad flag
+        if enabled and _flag_true(rest, "--use_ray"):
+            raise SystemExit(f"[GradPruner] error: {RAY_REFUSED}")
+        return stock_try_init_ray()
+
+    return try_init_ray
+
+
+RAY_REFUSED = (
+    "--use_ray is not supported with --gradprune: GradPruner runs its phases in the training processes "
+    "that swift starts; launch without Ray (torchrun: NPROC_PER_NODE / NNODES)"
+)
+
+
+def _flag_true(argv: list[str], flag: str) -> bool:
+    """Whether ``flag`` is given a true value (``--flag 1``, ``--flag=true``) in ``argv``."""
+    for i, token in enumerate(argv):
+        key, eq, value = token.partition("=")
+        if key == flag:
+            value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            return value.strip().lower() in {"1", "true", "yes", "y", "on"}
+    return False
+
+
 def gradprune_sft_main(args: list[str] | None = None, config: GradPruneConfig | None = None):
     """Run ``swift sft`` with GradPruner from Python.
 

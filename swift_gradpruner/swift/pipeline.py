@@ -1,88 +1,180 @@
-"""The two-phase GradPruner run inside ms-swift: phase-1 LoRA probe -> prune -> the user's own run.
+"""The GradPruner run inside ms-swift: (phase-1 LoRA probe, or just the held-out rows) -> prune -> the
+user's own run.
 
-1. Parse the user's ``swift sft`` arguments and check everything that can be checked before a
-   model is loaded (architecture, layer counts, LoRA targets, phase-1 step count).
-2. Phase 1: the same run with LoRA (the user's LoRA settings, or GradPruner's when the run is not
-   LoRA), on the user's data, template and schedule, stopped after t optimizer steps; an
-   IGIACaptureCallback reads the LoRA gradients of every step.
-3. Rank 0 reloads the base weights from disk, scores, removes and merges layers, and saves the
-   pruned model with its report under ``<output_dir>/gradprune/model``. The phase-1 LoRA weights
-   are discarded.
-4. Phase 2: the user's run, unchanged except ``--model`` now names the pruned checkpoint, so its
+1. Parse the user's ``swift sft`` arguments and check everything that can be checked before a model
+   is loaded (architecture, layer counts, LoRA targets, the data's size, the phase-1 step count).
+2. Rank 0 decides, for every rank (decide.py): reuse a pruned model, prune from a saved state, or
+   start afresh - with phase 1 when an IGIA score or a merge reads its gradients, else straight from
+   the data to the criterion.
+3. Phase 1 (when needed): the same run with LoRA on the user's data, template and schedule, stopped
+   after t optimizer steps while its gradients are captured.
+4. Rank 0 reloads the base weights from disk, chooses, merges and removes layers, and saves the
+   pruned model with its report under ``<output_dir>/gradprune/model``.
+5. Phase 2: the user's run, unchanged except ``--model`` now names the pruned checkpoint, so its
    checkpoints are ordinary swift checkpoints that ``swift infer``/``swift export`` load alone.
 
-A finished phase 1 is reused when a run is repeated (e.g. after a crash): its report carries a hash
-of every setting that shapes phase 1, and a pruned model is reused only if the hash matches.
+The report and the last log line give the whole run's time against an estimate of a dense run.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from ..config import GradPruneConfig, GradPruneConfigError
+from ..payoff import WholeRun
 from ..report import REPORT_NAME, read_report
-from .distributed import check_shared_output_dir
-from .phases import discard_phase1, hand_back_cuda_memory, prune_from_state, run_phase1, summary
+from .decide import DATA, PHASE1, REUSE, Decision, decide
+from .distributed import check_shared_output_dir, on_rank0
+from .phase1 import discard_phase1, record_failure, run_phase1
+from .phases import hand_back_cuda_memory, prune_from_state, summary
 from .preflight import check_argv_paths, parse_sft_args, preflight, remove_empty_output_dirs
-from .reuse import (
-    GRADPRUNE_DIR,
-    MODEL_DIR,
-    STATE_DIR,
-    find_pruned_model,
-    find_state,
-    phase1_key,
-    prune_key,
-    pruned_model_of_checkpoint,
-)
+from .reuse import link_model, remove_stale_temporaries, state_contents
+from .rows import prepare_rows
 
 
 def run(argv: list[str], config: GradPruneConfig) -> dict[str, Any]:
     from swift.pipelines import SwiftSft
-    from swift.utils import get_logger
+    from swift.utils import get_logger, is_master
 
+    start = time.perf_counter()
+    startup = _process_age()
     logger = get_logger()
     check_argv_paths(argv)
     args = parse_sft_args(argv)
-    first = phase1_key(args, config)
-    key = prune_key(first, config)
     try:
-        preflight(args, config)
+        facts = preflight(args, config)
         check_shared_output_dir(args.output_dir)
-        if args.resume_from_checkpoint:
-            pruned_dir = pruned_model_of_checkpoint(args.resume_from_checkpoint, key)
-        else:
-            pruned_dir = find_pruned_model(args, key)
+        decision = decide(args, config, facts)
     except GradPruneConfigError:
         remove_empty_output_dirs(args)
         raise
-    if pruned_dir is None:
-        pruned_dir = Path(args.output_dir) / GRADPRUNE_DIR / MODEL_DIR
-        state = find_state(args, first)
-        if state is None:
-            state = Path(args.output_dir) / GRADPRUNE_DIR / STATE_DIR
-            try:
-                run_phase1(argv, args, config, first, state)
-            except Exception as error:  # one line for the user, no half-made folders left behind
-                discard_phase1(state)
-                remove_empty_output_dirs(args)
-                if os.environ.get("GRADPRUNE_DEBUG"):
-                    raise
-                message = (str(error).strip().splitlines() or [""])[-1][:500]
-                raise GradPruneConfigError(
-                    f"phase 1 failed: {type(error).__name__}: {message} (GRADPRUNE_DEBUG=1 shows the traceback)"
-                ) from error
-        else:
-            logger.info(f"[GradPruner] phase 1 of an earlier run with the same settings is saved: pruning from {state}")
-        prune_from_state(args, config, state, key, pruned_dir)
-    else:
-        logger.info(f"[GradPruner] reusing the pruned model of an earlier run with the same settings: {pruned_dir}")
+    stages = {"start-up and checks": time.perf_counter() - start}
+    stale = on_rank0(lambda: remove_stale_temporaries(args.output_dir))
+    if stale:
+        logger.info(f"[GradPruner] removed what an interrupted run left half-written: {', '.join(stale)}")
+    pruned_dir = Path(decision.pruned_dir)
+    stages.update(_prepare_model(argv, args, config, decision))
     report = read_report(pruned_dir)
     logger.info(f"[GradPruner] {summary(report)}; phase 2 trains {pruned_dir}")
     phase2 = [*argv, "--model", str(pruned_dir), "--model_type", args.model_type, "--template", args.template,
               "--output_dir", args.output_dir, "--add_version", "false"]  # fmt: skip
     hand_back_cuda_memory()  # the dense-vs-pruned timing ran on the GPU since phase 1
+    phase2_start = time.perf_counter()
     result = SwiftSft(parse_sft_args(phase2)).main()
-    result["gradprune"] = {"pruned_model": str(pruned_dir), "report": str(pruned_dir / REPORT_NAME)}
+    end = time.perf_counter()
+    whole = _whole_run(report, stages, startup, end - start, end - phase2_start, result.get("log_history") or [])
+    if is_master():
+        _add_to_report(pruned_dir, "whole_run", whole.to_dict())
+    logger.info(f"[GradPruner] {whole.line()}")
+    result["gradprune"] = {"pruned_model": str(pruned_dir), "report": str(pruned_dir / REPORT_NAME),
+                           "whole_run": whole.to_dict()}  # fmt: skip
     return result
+
+
+def _prepare_model(argv: list[str], args, config: GradPruneConfig, decision: Decision) -> dict[str, float]:
+    """Make the pruned model of ``decision`` exist in this run's version folder; the seconds by stage."""
+    from swift.utils import get_logger
+
+    logger = get_logger()
+    pruned_dir = Path(decision.pruned_dir)
+    if decision.action == REUSE:
+        source = Path(decision.source_dir)
+        if source == pruned_dir:
+            logger.info(f"[GradPruner] reusing the pruned model of an earlier run with the same settings: {source}")
+            return {}
+        how = on_rank0(lambda: link_model(source, pruned_dir))
+        logger.info(f"[GradPruner] reusing the pruned model of an earlier run with the same settings: {source} "
+                    f"({how} into {pruned_dir}: its checkpoints do not depend on the earlier folder)")  # fmt: skip
+        return {}
+    state = Path(decision.state_dir)
+    stages: dict[str, float] = {}
+    start = time.perf_counter()
+    if decision.action == PHASE1:
+        _phase1_or_one_line(argv, args, config, decision.phase1_key, state)
+        stages["phase 1"] = time.perf_counter() - start
+    elif decision.action == DATA:
+        try:
+            on_rank0(lambda: prepare_rows(args, config, decision.phase1_key, state))
+        except GradPruneConfigError:
+            raise
+        except Exception as error:
+            remove_empty_output_dirs(args)
+            if os.environ.get("GRADPRUNE_DEBUG"):
+                raise
+            raise GradPruneConfigError(
+                f"reading the training rows failed: {type(error).__name__}: {_last_line(error)} "
+                "(GRADPRUNE_DEBUG=1 shows the traceback)"
+            ) from error
+        stages["held-out rows"] = time.perf_counter() - start
+    else:
+        saved = "phase-1 state" if state_contents(state)["igia"] else "held-out rows (no phase 1 was needed)"
+        logger.info(f"[GradPruner] an earlier run with the same settings saved its {saved}: pruning from {state}")
+    prune_s = prune_from_state(args, config, state, decision.prune_key, pruned_dir,
+                               created=decision.action == PHASE1)  # fmt: skip
+    measured = (read_report(pruned_dir) or {}).get("stage_seconds", {})
+    names = {"load": "loading the model", "choice": "choosing layers (criterion, guard)",
+             "surgery": "merge and removal", "timing": "dense-vs-pruned timing"}  # fmt: skip
+    stages.update({names.get(k, k): v for k, v in measured.items()})
+    stages["saving and the rest of pruning"] = max(prune_s - sum(measured.values()), 0.0)
+    return stages
+
+
+def _phase1_or_one_line(argv: list[str], args, config: GradPruneConfig, key: str, state: Path) -> None:
+    """Phase 1; a failure ends the run with one line naming the file that holds the full error."""
+    try:
+        run_phase1(argv, args, config, key, state)
+    except GradPruneConfigError:  # stopped on purpose (e.g. no usable gradient): nothing worth keeping
+        discard_phase1(state)
+        remove_empty_output_dirs(args)
+        raise
+    except Exception as error:
+        log = record_failure(state, error)  # phase 1's own logs stay beside it
+        if os.environ.get("GRADPRUNE_DEBUG"):
+            raise
+        raise GradPruneConfigError(
+            f"phase 1 failed: {type(error).__name__}: {_last_line(error)}; the full error and phase 1's logs are in "
+            f"{log.parent} ({log.name}; GRADPRUNE_DEBUG=1 also prints the traceback)"
+        ) from error
+
+
+def _last_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[-1][:300]
+
+
+def _process_age() -> float:
+    """Seconds since this process started (its imports: a dense swift sft run pays them too)."""
+    try:
+        import psutil
+
+        return max(time.time() - psutil.Process().create_time(), 0.0)
+    except Exception:  # psutil missing or no access: count from here
+        return 0.0
+
+
+def _whole_run(report: dict, stages: dict[str, float], startup: float, total: float, phase2: float,
+               history: list) -> WholeRun:  # fmt: skip
+    """The whole run's time against a dense run estimated from phase 2 and the dense/pruned step ratio."""
+    train = next((float(row["train_runtime"]) for row in reversed(history) if "train_runtime" in row), phase2)
+    timing = report.get("inference_benchmark") or {}
+    prefill = (timing.get("workloads") or {}).get("prefill")
+    if prefill:
+        ratio, source = float(prefill["ratio"]), f"measured: prefill on {timing['device']}"
+    else:
+        ratio, source = float(report.get("kept_compute_fraction", 1.0)), "estimated: the FLOP fraction kept"
+    return WholeRun(total_s=startup + total, startup_s=startup, stages_s=stages, phase2_s=phase2,
+                    phase2_train_s=train, step_ratio=ratio, ratio_source=source)  # fmt: skip
+
+
+def _add_to_report(pruned_dir: Path, name: str, value: Any) -> None:
+    """Set one entry of the pruned model's report; a new file renamed over the old one, so a hard-linked
+    copy of the same model elsewhere keeps its own report."""
+    path = pruned_dir / REPORT_NAME
+    report = json.loads(path.read_text(encoding="utf-8"))
+    report[name] = value
+    tmp = path.with_name(f".{REPORT_NAME}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

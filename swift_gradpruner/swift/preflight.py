@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from ..architecture import LAYERS_PREFIX, check_supported, parameter_counts
+from ..architecture import LAYERS_PREFIX, check_supported, decoder_layers, parameter_counts
 from ..config import GradPruneConfig, GradPruneConfigError
 from ..selection import layers_to_remove
 
@@ -56,8 +57,19 @@ def parse_sft_args(argv: list[str]):
     return args
 
 
-def preflight(args, config: GradPruneConfig) -> None:
-    """Every check that needs no model weights, so bad input fails before anything is loaded."""
+@dataclass(frozen=True)
+class ModelFacts:
+    """What preflight learnt from the model's config (no weights), for the later checks of rank 0."""
+
+    layers: int
+    remove: int
+    """Layers the run removes (the ceiling for prune_layers=auto)."""
+    kept_compute: float
+    """Share of the per-token matmul weights (decoder linears and LM head) the pruned model keeps."""
+
+
+def preflight(args, config: GradPruneConfig) -> ModelFacts:
+    """Every check that needs no model weights and no data, so bad input fails before anything is loaded."""
     if args.task_type != "causal_lm":
         raise GradPruneConfigError(
             f"--task_type {args.task_type} is not supported: GradPruner prunes causal language models only"
@@ -72,10 +84,24 @@ def preflight(args, config: GradPruneConfig) -> None:
             f"--fsdp {args.fsdp} is not supported with --gradprune yet (FSDP shards the LoRA gradients and "
             "GradPruner reads them through DeepSpeed's API): use --deepspeed zero2 or zero3"
         )
+    if getattr(args, "use_ray", False):  # `swift sft` stops earlier (entry.refuse_ray); this is for the API
+        from .entry import RAY_REFUSED
+
+        raise GradPruneConfigError(RAY_REFUSED)
+    if args.cached_dataset:
+        raise GradPruneConfigError(
+            f"--cached_dataset {' '.join(args.cached_dataset)} is not supported with --gradprune: GradPruner hashes "
+            "(to reuse earlier work) and holds out rows of --dataset only; pass the raw rows with --dataset"
+        )
     if config.needs_calibration and args.streaming:
         raise GradPruneConfigError(
             f"--gradprune_score {config.score} runs the model on calibration rows, which a --streaming dataset "
             "cannot provide before training; use --streaming false or --gradprune_score squared"
+        )
+    if config.prune_layers == "auto" and args.streaming:
+        raise GradPruneConfigError(
+            "--gradprune_prune_layers auto measures the loss on held-out rows, which a --streaming dataset cannot "
+            "provide; use --streaming false or set --gradprune_prune_layers to a number"
         )
     if args.adapters:
         raise GradPruneConfigError(
@@ -85,24 +111,44 @@ def preflight(args, config: GradPruneConfig) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    check_supported(_raw_config(args.model_dir))  # custom-code models end here, before AutoConfig runs their code
     model_config = AutoConfig.from_pretrained(args.model_dir)
     check_supported(model_config)
     # The class itself, not from_config: under ZeRO-3 from_config would initialise through DeepSpeed.
     with torch.device("meta"):
         meta = MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)](model_config)
     per_layer, total = parameter_counts(meta)
-    layers_to_remove(replace(config, prune_layers=None, merge_layers=0) if config.prune_layers == "auto" else config,
-                     per_layer, total)  # fmt: skip
-    check_lora_targets(args, meta)
-    total_steps = args.max_steps if args.max_steps and args.max_steps > 0 else None
-    if total_steps is None and config.steps is not None:
-        total_steps = estimate_total_steps(args)
-    if total_steps is not None:
-        config.phase1_steps(total_steps)
+    auto = config.prune_layers == "auto"
+    remove = layers_to_remove(replace(config, prune_layers=None, merge_layers=0) if auto else config, per_layer, total)
+    check_lora_targets(args, meta, every_layer=config.needs_gradients)
+    facts = ModelFacts(layers=len(per_layer), remove=remove, kept_compute=_kept_compute(meta, remove))
+    if config.needs_gradients and args.max_steps and args.max_steps > 0:
+        config.phase1_steps(args.max_steps)
+    return facts
 
 
-def check_lora_targets(args, meta_model) -> None:
-    """Phase 1's LoRA must adapt at least one linear of a decoder layer."""
+def _raw_config(model_dir) -> SimpleNamespace:
+    """config.json as read from disk, without running any code it names (auto_map)."""
+    import json
+
+    path = Path(model_dir) / "config.json"
+    values = json.loads(path.read_text()) if path.is_file() else {}
+    return SimpleNamespace(model_type=values.get("model_type"), quantization_config=values.get("quantization_config"))
+
+
+def _kept_compute(meta, remove: int) -> float:
+    """Share of the per-token matmul weights left after removing ``remove`` (equal-sized) decoder layers."""
+    from ..flops import matmul_weights
+
+    layers = decoder_layers(meta)
+    per_layer = sum(m.in_features * m.out_features for m in layers[0].modules() if isinstance(m, torch.nn.Linear))
+    return 1 - remove * per_layer / matmul_weights(meta)
+
+
+def check_lora_targets(args, meta_model, every_layer: bool) -> None:
+    """The LoRA targets must match a linear of the decoder layers; with ``every_layer`` (phase 1's
+    gradients are read) of every decoder layer: an IGIA score sums the gradients of a layer's adapted
+    linears, so a layer without any would score 0 and be removed first, silently."""
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
@@ -111,12 +157,35 @@ def check_lora_targets(args, meta_model) -> None:
         return
     lora = LoraConfig(target_modules=regex or [t for t in targets if t != "all-linear"])
     linears = [n for n, m in meta_model.named_modules() if isinstance(m, torch.nn.Linear)]
-    if not any(n.startswith(LAYERS_PREFIX) and check_target_module_exists(lora, n) for n in linears):
-        shown = regex or " ".join(targets)
+    layers = len(decoder_layers(meta_model))
+    covered = {int(n[len(LAYERS_PREFIX) :].split(".")[0]) for n in linears
+               if n.startswith(LAYERS_PREFIX) and check_target_module_exists(lora, n)}  # fmt: skip
+    missing = [j for j in range(layers) if j not in covered]
+    shown = regex or " ".join(targets)
+    if not covered:
         raise GradPruneConfigError(
             f"LoRA target modules {shown!r} match no linear layer of the model's decoder layers; its linears "
             f"are named {sorted({n.rsplit('.', 1)[-1] for n in linears})}; use --target_modules all-linear"
         )
+    if not missing or not every_layer:
+        return
+    raise GradPruneConfigError(
+        f"LoRA target modules {shown!r} adapt no linear of decoder layers {_ranges(missing)} (of 0-{layers - 1}): "
+        "their IGIA scores would be 0 and they would be removed first; target every decoder layer "
+        "(--target_modules all-linear), or choose layers without phase-1 gradients (e.g. --gradprune_score "
+        "block_influence --gradprune_merge_layers 0)"
+    )
+
+
+def _ranges(values: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7' (sorted, distinct values)."""
+    runs: list[list[int]] = []
+    for value in values:
+        if runs and value == runs[-1][-1] + 1:
+            runs[-1].append(value)
+        else:
+            runs.append([value])
+    return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}" for run in runs)
 
 
 def phase1_targets(args) -> tuple[list[str], str | None]:
@@ -126,8 +195,16 @@ def phase1_targets(args) -> tuple[list[str], str | None]:
     return ["all-linear"], None
 
 
-def estimate_total_steps(args) -> int:
-    """Optimizer steps of the run as the Trainer counts them, from the raw training set.
+def training_rows(args) -> int | None:
+    """Rows of the training split as swift loads it (after --split_dataset_ratio); None when streaming."""
+    if args.streaming:
+        return None
+    train, _ = args.load_dataset()
+    return len(train) if train is not None else 0
+
+
+def estimate_total_steps(args, rows: int) -> int:
+    """Optimizer steps of the run as the Trainer counts them, from the number of training rows.
 
     Each rank gets rows // world_size rows (swift's BatchSamplerShard), a rank's dataloader has
     ceil(rows / batch) batches, an epoch ceil(batches / accumulation) steps. Rows that encoding
@@ -135,8 +212,7 @@ def estimate_total_steps(args) -> int:
     """
     import math
 
-    train, _ = args.load_dataset()
-    batches = math.ceil(len(train) // world_size() / args.per_device_train_batch_size)
+    batches = math.ceil(rows // world_size() / args.per_device_train_batch_size)
     per_epoch = max(math.ceil(batches / args.training_args.gradient_accumulation_steps), 1)
     return math.ceil(args.num_train_epochs * per_epoch)
 

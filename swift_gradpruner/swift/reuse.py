@@ -1,135 +1,86 @@
-"""Finding earlier work again. Two keys:
+"""Finding earlier work again (keys.py says what identifies it), and keeping every checkpoint's base.
 
-* the *phase-1 key* hashes everything that shapes phase 1 (swift's settings, the dataset files'
-  contents, package versions, and the GradPruner options that change the probe or the rows it holds
-  out). A run whose key matches a saved IGIA state (``<output_dir>/gradprune/state``) skips phase 1
-  and prunes from that state: trying another N, K, p, merge mode or criterion takes seconds.
-* the *prune key* adds every pruning option. A pruned model whose report has it is reused as is
-  (a repeated run after a crash), and a resumed phase 2 must have been trained on such a model.
+* A saved *state* (``<output_dir>/gradprune/state``: the held-out and calibration rows, and, when
+  phase 1 ran, the IGIA sums and possibly the per-step gradient factors) with the same phase-1 key
+  skips phase 1 or the data preparation, if it holds what this run reads.
+* A *pruned model* whose report has the same prune key is reused as is. Each version folder holds its
+  own copy (hard links: no extra disk) of the model its checkpoints name, so deleting an earlier
+  ``v*`` folder orphans nothing; a model folder is never overwritten by one made with other settings
+  (``gradprune/model``, else ``gradprune/model-<prune key>``), so no checkpoint ends up on other layers.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 from ..config import GradPruneConfig, GradPruneConfigError
+from ..importance import state_has_factors
 from ..report import read_report
-from .preflight import world_size
+from ..surgery import atomic_dir
 
 GRADPRUNE_DIR = "gradprune"
 MODEL_DIR = "model"
 STATE_DIR = "state"
 PHASE1_FILE = "phase1.json"
-HASHED_ARGS = (
-    "model", "model_revision", "model_type", "template", "system", "dataset", "val_dataset", "split_dataset_ratio",
-    "dataset_shuffle", "data_seed", "seed", "max_length", "truncation_strategy", "packing", "padding_free",
-    "streaming", "loss_scale", "per_device_train_batch_size", "learning_rate", "lr_scheduler_type",
-    "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps", "optim", "optimizer", "adam_beta1", "adam_beta2",
-    "adam_epsilon", "weight_decay", "num_train_epochs", "max_steps", "max_grad_norm", "tuner_type", "lora_rank",
-    "lora_alpha", "lora_dropout", "lora_dtype", "use_rslora", "init_weights", "target_modules", "target_regex",
-    "torch_dtype", "model_kwargs", "attn_impl", "quant_method", "quant_bits", "bnb_4bit_quant_type",
-    "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant", "deepspeed",
-)  # fmt: skip
-"""SftArguments that shape phase 1 (with the resolved gradient accumulation and the world size)."""
-PHASE1_OPTIONS = ("steps", "step_ratio", "lora_rank", "lora_alpha", "guard_rows", "calibration_rows")
-"""GradPruner options that shape phase 1 or the rows it keeps aside; the others only shape pruning."""
-VERSIONED = ("torch", "transformers", "peft", "ms-swift", "deepspeed", "swift-gradpruner")
 
 
-def swift_version() -> str:
-    from importlib.metadata import version
-
-    return version("ms-swift")
-
-
-def phase1_settings(args) -> dict[str, str]:
-    """The swift settings that shape phase 1 (HASHED_ARGS, as the trainer resolved them)."""
-    settings = {name: str(getattr(args, name, None)) for name in HASHED_ARGS}
-    settings["gradient_accumulation_steps"] = str(args.training_args.gradient_accumulation_steps)
-    settings["world_size"] = str(world_size())
-    return settings
+def state_contents(state: Path) -> dict[str, bool]:
+    """What a saved state holds: IGIA sums (phase 1 ran) and per-step factors (F can be rebuilt)."""
+    info = json.loads((state / PHASE1_FILE).read_text())
+    contents = info.get("contents", {"igia": True})  # states of older versions always ran phase 1
+    return {"igia": bool(contents["igia"]), "factors": bool(contents["igia"]) and state_has_factors(state)}
 
 
-def phase1_key(args, config: GradPruneConfig) -> str:
-    options = {name: getattr(config, name) for name in PHASE1_OPTIONS}
-    blob = {"gradprune": options, "swift": phase1_settings(args), "data": dataset_digests(args),
-            "versions": _versions()}  # fmt: skip
-    return _digest(blob)
-
-
-def prune_key(first: str, config: GradPruneConfig) -> str:
-    options = config.to_dict()
-    del options["benchmark"]  # measures the result, does not shape it
-    return _digest({"phase1": first, "gradprune": options})
-
-
-def dataset_digests(args) -> dict[str, str]:
-    """A content hash of every --dataset / --val_dataset entry that is a local file (hub names hash as text)."""
-    out = {}
-    for entry in [*(args.dataset or []), *(args.val_dataset or [])]:
-        path = Path(str(entry).split(":")[0].split("#")[0])
-        if path.is_file():
-            digest = hashlib.sha256()
-            with path.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            out[str(entry)] = digest.hexdigest()[:16]
-        elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file())
-            out[str(entry)] = _digest(
-                [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-            )
-    return out
-
-
-def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {}
-    for name in VERSIONED:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def find_state(args, key: str) -> Path | None:
-    """A complete phase-1 state with this phase-1 key, here or in a sibling version folder."""
-    for candidate in _here_then_siblings(args, STATE_DIR):
+def find_state(args, key: str, config: GradPruneConfig) -> Path | None:
+    """A complete state with this phase-1 key that holds what ``config`` reads, here or in a sibling
+    version folder."""
+    for folder in _here_then_siblings(args):
+        candidate = folder / STATE_DIR
         info = candidate / PHASE1_FILE
-        if info.is_file() and json.loads(info.read_text()).get("phase1_key") == key:
+        if not (info.is_file() and json.loads(info.read_text()).get("phase1_key") == key):
+            continue
+        contents = state_contents(candidate)
+        if (contents["igia"] or not config.needs_gradients) and (contents["factors"] or config.merge_layers == 0):
             return candidate
     return None
 
 
-def _here_then_siblings(args, leaf: str) -> list[Path]:
+def _here_then_siblings(args) -> list[Path]:
+    """The gradprune folders of this run's output_dir and then of its sibling version folders, newest first."""
     here = Path(args.output_dir)
-    candidates = [here / GRADPRUNE_DIR / leaf]
+    folders = [here / GRADPRUNE_DIR]
     if args.add_version:  # earlier runs live in sibling version folders v0-..., v1-...
-        siblings = here.parent.glob(f"v*/{GRADPRUNE_DIR}/{leaf}")
-        candidates += sorted(siblings, key=lambda p: p.stat().st_mtime, reverse=True)
-    return candidates
+        siblings = [p for p in here.parent.glob(f"v*/{GRADPRUNE_DIR}") if p != folders[0]]
+        folders += sorted(siblings, key=lambda p: p.stat().st_mtime, reverse=True)
+    return folders
+
+
+def model_dirs(gradprune_dir: Path) -> list[Path]:
+    """The pruned-model folders in one gradprune folder: ``model`` first, then ``model-<key>``."""
+    return sorted(
+        (p for p in gradprune_dir.glob(f"{MODEL_DIR}*") if p.is_dir()), key=lambda p: (p.name != MODEL_DIR, p)
+    )
 
 
 def find_pruned_model(args, key: str) -> Path | None:
     """A pruned model saved by an earlier run of the same command (same output_dir, same prune key)."""
-    candidates = _here_then_siblings(args, MODEL_DIR)
-    for candidate in candidates:
-        report = read_report(candidate)
-        if report and report.get("config_hash") == key and (candidate / "config.json").is_file():
-            return candidate
-    if read_report(candidates[0]) is not None:
-        from swift.utils import get_logger
-
-        get_logger().warning(f"[GradPruner] {candidates[0]} was made with other settings; it will be replaced")
+    for folder in _here_then_siblings(args):
+        for candidate in model_dirs(folder):
+            report = read_report(candidate)
+            if report and report.get("config_hash") == key and (candidate / "config.json").is_file():
+                return candidate
     return None
+
+
+def new_model_dir(args, key: str) -> Path:
+    """Where this run's pruned model goes: ``gradprune/model``, unless an earlier model made with other
+    settings is there (checkpoints may name it): then ``gradprune/model-<prune key>``."""
+    folder = Path(args.output_dir) / GRADPRUNE_DIR
+    plain = folder / MODEL_DIR
+    return plain if not plain.exists() else folder / f"{MODEL_DIR}-{key}"
 
 
 def pruned_model_of_checkpoint(checkpoint: str, key: str) -> Path:
@@ -144,3 +95,37 @@ def pruned_model_of_checkpoint(checkpoint: str, key: str) -> Path:
             "repeat the original command's arguments, or start again without --resume_from_checkpoint"
         )
     return Path(model)
+
+
+def link_model(source: Path, target: Path) -> str:
+    """Give ``target`` its own copy of the pruned model ``source``: hard links where the file system
+    allows (no extra disk; deleting the source folder later leaves this one whole), else a copy.
+    Atomic: ``target`` appears complete or not at all. Returns how it was done, for the log."""
+    copied = 0
+    with atomic_dir(target, overwrite=False) as tmp:
+        for path in sorted(source.rglob("*")):
+            dest = tmp / path.relative_to(source)
+            if path.is_dir():
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, dest)
+            except OSError:  # another file system, or links not allowed
+                shutil.copy2(path, dest)
+                copied += path.stat().st_size
+    return "hard-linked (no extra disk)" if not copied else f"copied ({copied / 2**30:.2f} GiB)"
+
+
+def remove_stale_temporaries(output_dir: str | Path) -> list[str]:
+    """Delete what a killed run left half-written under ``<output_dir>/gradprune``: ``.model*.tmp``
+    (an interrupted save), ``.model*.old-*`` and ``.state.building``. Returns their names."""
+    folder = Path(output_dir) / GRADPRUNE_DIR
+    stale = [
+        *folder.glob(f".{MODEL_DIR}*.tmp"),
+        *folder.glob(f".{MODEL_DIR}*.old-*"),
+        *folder.glob(f".{STATE_DIR}.building"),
+    ]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return sorted(p.name for p in stale)

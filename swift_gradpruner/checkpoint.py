@@ -1,0 +1,144 @@
+"""Prune a checkpoint on disk: load it (or stream its shards), run ``prune.prune_model``, save the result.
+
+The model runs on the GPU when there is one and it fits; a GPU that runs out of memory anywhere in
+the prune step (criterion, guard, merge, timing) costs one log line and the step is redone on the
+CPU from a fresh copy of the weights, reusing what the criterion had already measured.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import IGIA_SCORES, GradPruneConfig
+from .importance import IGIAAccumulator
+from .prune import PruneResult, _report_files, prune_model, save_pruned
+from .selection import LayerPlan
+from .surgery import atomic_dir
+
+
+def prune_checkpoint(model_dir: str | os.PathLike, accumulator: IGIAAccumulator | None, config: GradPruneConfig,
+                     out_dir: str | os.PathLike, extra: dict[str, Any], swift_args: dict[str, Any], *,
+                     guard=None, calibration=None, log: Callable[[str], None] = print,
+                     warn: Callable[[str], None] = print) -> PruneResult:  # fmt: skip
+    """Load the base checkpoint in its own dtype, prune and merge it, save it with its report.
+
+    ``accumulator`` may be None when neither the score nor a merge reads the phase-1 gradients.
+    ``swift_args`` becomes the checkpoint's args.json, from which ``swift infer --model`` and
+    ``swift export`` take model_type and template (``swift sft`` ignores it: load_args is off there).
+    ``guard`` and ``calibration`` are encoded batches of held-out and of training rows
+    (swift/holdout.py). ``log`` and ``warn`` receive progress lines and the quality guard's warning.
+    The report's ``stage_seconds`` holds the duration of the stages (load, choice, surgery, timing).
+    """
+    from transformers import AutoTokenizer
+
+    if config.score in IGIA_SCORES and not guard and not config.benchmark and _has_safetensors(model_dir):
+        result = _prune_streaming(model_dir, accumulator, config, out_dir, extra, swift_args, log)
+    else:
+        start = time.perf_counter()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = _onto(_load(model_dir), device)
+        loaded = time.perf_counter() - start
+        cache: dict = {}  # the criterion's measurements survive a restart on the CPU
+        try:
+            result = prune_model(model, accumulator, config, calibration=calibration, guard=guard,
+                                 criterion_cache=cache, device=device, extra=extra, log=log)  # fmt: skip
+        except torch.OutOfMemoryError as error:
+            where = next(model.parameters()).device
+            warn(f"[GradPruner] out of GPU memory while pruning on {where} ({_first_line(error)}); "
+                 "doing the prune step again on the CPU (slower)")  # fmt: skip
+            del model
+            _empty_cuda_cache()
+            start = time.perf_counter()
+            model = _load(model_dir)
+            loaded += time.perf_counter() - start
+            result = prune_model(model, accumulator, config, calibration=calibration, guard=guard,
+                                 criterion_cache=cache, device="cpu", extra=extra, log=log)  # fmt: skip
+        if result.guard is not None and not result.guard.ok:
+            warn(f"[GradPruner] WARNING: {result.guard.message(len(result.plan.removed))}")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        log(f"[GradPruner] saving the pruned model to {out_dir} ...")
+        result.report["stage_seconds"]["load"] = loaded
+        save_pruned(model, result, out_dir, tokenizer=tokenizer, overwrite=True,
+                    extra_files={"args.json": swift_args})  # fmt: skip
+    if "vllm_unsupported" in result.report:
+        warn(f"[GradPruner] WARNING: vLLM cannot serve the pruned model: {result.report['vllm_unsupported']}")
+    return result
+
+
+def _load(model_dir):
+    """The whole model in its own dtype on the CPU, on this rank alone, also inside a ZeRO-3 run."""
+    from transformers import AutoModelForCausalLM
+
+    with zero3_init_off():
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map="cpu")
+
+
+def _prune_streaming(model_dir, accumulator, config, out_dir, extra, swift_args, log) -> PruneResult:
+    """prune_checkpoint without loading the model: nothing needs to run it (an IGIA ranking, no quality
+    guard, no timing), so the shards are pruned one layer at a time (streaming.py)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .streaming import write_pruned
+
+    # Under ZeRO-3 transformers would wrap from_config in deepspeed.zero.Init, a collective that the
+    # other ranks (waiting for rank 0) never join: rank 0 would hang.
+    with zero3_init_off(), torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    log(f"[GradPruner] streaming surgery: {model_dir} is pruned shard by shard, one layer in memory at a time")
+    with atomic_dir(out_dir, overwrite=True) as folder:
+
+        def surgery(plan: LayerPlan, igia) -> dict[int, dict[str, float]]:
+            return write_pruned(model_dir, folder, plan, igia, config)
+
+        result = prune_model(meta, accumulator, config, extra=extra, log=log, surgery=surgery)
+        for name, write in _report_files(result, {"args.json": swift_args}).items():
+            write(folder / name)
+    return result
+
+
+def _has_safetensors(model_dir) -> bool:
+    from .streaming import INDEX_NAME
+
+    return (Path(model_dir) / "model.safetensors").is_file() or (Path(model_dir) / INDEX_NAME).is_file()
+
+
+def _onto(model, device: str):
+    """``model`` on ``device`` if it fits there, else where it is."""
+    if device == "cpu":
+        return model
+    try:
+        return model.to(device)
+    except torch.OutOfMemoryError:
+        model.to("cpu")
+        _empty_cuda_cache()
+        return model
+
+
+def _empty_cuda_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+@contextmanager
+def zero3_init_off() -> Iterator[None]:
+    """Build or load a whole model on one rank even inside a ZeRO-3 run (transformers would partition it
+    with deepspeed.zero.Init, a collective of all ranks)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved

@@ -1,0 +1,106 @@
+"""The held-out rows of a run, and the saved state that carries them (and phase 1's gradients) to pruning.
+
+The guard and calibration rows are the same whether phase 1 runs or not: swift loads the data with
+the run's own ``--split_dataset_ratio`` (so phase 2's validation rows are never among them), a seeded
+choice of ``guard_rows`` is held out, ``calibration_rows`` more are taken from the rest, and both are
+encoded by swift's template exactly as training encodes them. Without phase 1 (no IGIA score, no
+merge) this happens here, on rank 0, without loading the model: the run goes straight from the data to
+the criterion.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import GradPruneConfig
+from ..importance import IGIAAccumulator, save_state
+from .holdout import BATCHES_FILE, encode_batches, first_rows, hold_out, save_batches
+from .keys import model_fingerprint, phase1_settings
+from .reuse import PHASE1_FILE
+
+BUILDING_SUFFIX = ".building"
+
+
+def split_off(train, config: GradPruneConfig, seed: int, log_warning) -> tuple[Any, Any]:
+    """(training rows without the guard rows, the guard rows or None), as phase 1 and the data step do."""
+    rows = config.guard_rows
+    train, held_out = hold_out(train, rows, seed)
+    if rows and held_out is None:
+        log_warning(
+            f"[GradPruner] quality guard off: it needs an in-memory training set of at least {4 * rows} rows "
+            "(not streaming) to hold out --gradprune_guard_rows of them"
+        )
+    return train, held_out
+
+
+def encode_rows(template, train, held_out, config: GradPruneConfig, batch: int, seed: int) -> dict[str, list]:
+    """The guard and calibration batches (calibration rows are saved whatever the score, so a re-prune
+    from the state may use any criterion)."""
+    from datasets import Dataset
+
+    guard = encode_batches(template, list(held_out), batch) if held_out is not None else []
+    rows = first_rows(train, config.calibration_rows, seed) if isinstance(train, Dataset) else []
+    return {"guard": guard, "calibration": encode_batches(template, rows, batch) if rows else []}
+
+
+def write_state(state_dir: Path, info: dict, batches: dict[str, list], accumulator: IGIAAccumulator | None) -> None:
+    """Write a complete state atomically: built beside ``state_dir``, then renamed over it."""
+    building = state_dir.with_name(f".{state_dir.name}{BUILDING_SUFFIX}")
+    building.mkdir(parents=True, exist_ok=True)
+    if accumulator is not None:
+        save_state(accumulator, building)
+    save_batches(building / BATCHES_FILE, batches)
+    (building / PHASE1_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    shutil.rmtree(state_dir, ignore_errors=True)
+    building.rename(state_dir)
+
+
+def state_info(args, key: str, phase1: dict | None, *, igia: bool) -> dict:
+    """phase1.json: the key, what phase 1 did (None: it did not run), the source model and its fingerprint."""
+    return {
+        "phase1_key": key,
+        "phase1": phase1,
+        "contents": {"igia": igia},
+        "source_model": args.model_dir,
+        "model_fingerprint": model_fingerprint(args.model_dir),
+        "swift_settings": phase1_settings(args),
+        "swift_args": {"model_type": args.model_type, "template": args.template},
+    }
+
+
+def prepare_rows(args, config: GradPruneConfig, key: str, state_dir: Path) -> float:
+    """Rank 0, without phase 1: load the data, hold out and encode the rows, save them as a state
+    (no gradients). Returns the seconds it took."""
+    from swift.utils import get_logger
+
+    start = time.perf_counter()
+    logger = get_logger()
+    logger.info("[GradPruner] no phase 1: neither the score nor a merge reads gradients; preparing the held-out rows")
+    pipeline = _data_pipeline_class()(args)
+    train, _ = pipeline._get_dataset()  # the user's own arguments: the user's split ratio
+    train, held_out = split_off(train, config, args.data_seed, logger.warning)
+    batches = encode_rows(pipeline.template, train, held_out, config, args.per_device_train_batch_size, args.data_seed)
+    write_state(state_dir, state_info(args, key, None, igia=False), batches, None)
+    seconds = time.perf_counter() - start
+    logger.info(f"[GradPruner] {len(batches['guard'])} guard and {len(batches['calibration'])} calibration batches "
+                f"ready in {seconds:.1f} s (saved in {state_dir})")  # fmt: skip
+    return seconds
+
+
+def _data_pipeline_class():
+    from swift.pipelines import SwiftSft
+
+    class GradPruneRows(SwiftSft):
+        """SwiftSft with the tokenizer and template but no model: enough to load and encode rows."""
+
+        def _prepare_model_tokenizer(self, **kwargs):
+            self.model, self.processor = self.args.get_model_processor(load_model=False)
+
+        def _prepare_generation_config(self):
+            pass
+
+    return GradPruneRows
