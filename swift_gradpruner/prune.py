@@ -14,13 +14,15 @@ import torch
 from torch import nn
 
 from . import __version__
-from .architecture import LAYERS_PREFIX, parameter_counts
+from .architecture import auto_class, layers_prefix, parameter_counts
 from .bench.inference import REPORT_WORKLOADS, TransformersEngine, Workload, compare_inference
 from .config import IGIA_SCORES, GradPruneConfig
+from .coverage import check_igia_comparable
 from .criteria import Batch, mean_loss, removed_layers
 from .guard import GuardError, GuardReport, largest_within, loss_with_plan
 from .importance import IGIAAccumulator, layer_scores
-from .merge import merge_removed_layers
+from .layer_config import check_removal
+from .merge import merge_priority, merge_removed_layers
 from .report import PLOT_NAME, REPORT_NAME, plot_layer_scores, write_json
 from .selection import LayerPlan, layers_to_remove, plan_layers, plan_removal
 from .serving import vllm_refusal
@@ -70,7 +72,9 @@ def prune_model(
         linear, scores, outside = {}, [0.0] * len(per_layer), []
     else:
         linear = accumulator.linear_scores(config.score if config.score in IGIA_SCORES else "squared")
-        scores, outside = layer_scores(linear, len(per_layer), LAYERS_PREFIX)
+        scores, outside = layer_scores(linear, len(per_layer), layers_prefix(model))
+        if config.score in IGIA_SCORES:
+            check_igia_comparable(model, accumulator.linear_names, config.score)
     captured = set(accumulator.linear_names)
 
     def igia(name: str) -> torch.Tensor | None:
@@ -83,16 +87,19 @@ def prune_model(
         if count not in plans:
             merge = config.merge_count(count)
             if config.score in IGIA_SCORES:
-                plans[count] = (plan_layers(scores, count, merge), {})
+                removed, measured = plan_layers(scores, count, 0).removed, {}
             else:
                 removed, measured = removed_layers(model, config.score, count, calibration, cache)
-                plans[count] = (plan_removal(len(per_layer), removed, merge, scores), measured)
+            # The K merged layers: highest IGIA over the linears each would merge (merge.merge_priority).
+            priority = merge_priority(model, linear, removed) if merge else scores
+            plans[count] = (plan_removal(len(per_layer), removed, merge, priority), measured)
         return plans[count][0]
 
     with stage(f"choosing the layers to remove ({config.score}" + (", quality guard" if guard else "") + ")"):
         remove, guard_report = _layer_count(model, config, per_layer, total_before, plan_for, igia, guard)
         plan = plan_for(remove)
     criterion = plans[remove][1]
+    check_removal(model.config, plan.kept)  # a removal the config cannot express fails before any weight changes
     snapshot = Snapshot(model, weights_of=sorted(set(plan.merged.values()))) if config.benchmark else None
     with stage(f"merging {len(plan.merged)} and removing {len(plan.removed)} of {len(per_layer)} layers"):
         fractions = merge_removed_layers(model, plan, igia, config) if surgery is None else surgery(plan, igia)
@@ -233,7 +240,10 @@ def _report_files(result: PruneResult, extra_files: dict[str, Any] | None) -> di
         PLOT_NAME: lambda path: plot_layer_scores(path, result.report),
     }
     for name, content in (extra_files or {}).items():
-        files[name] = lambda path, content=content: write_json(path, content)
+        if isinstance(content, _Raw):
+            files[name] = lambda path, content=content: path.exists() or path.write_bytes(content)
+        else:
+            files[name] = lambda path, content=content: write_json(path, content)
     return files
 
 
@@ -249,13 +259,14 @@ def prune_checkpoint(model_dir: str | os.PathLike, accumulator: IGIAAccumulator,
     batches of held-out and of training rows (swift/holdout.py). ``log`` and ``warn`` receive progress
     lines and the quality guard's warning.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
+    model_class = auto_class(AutoConfig.from_pretrained(model_dir))
     if config.score in IGIA_SCORES and not guard and not config.benchmark and _has_safetensors(model_dir):
         result = _prune_streaming(model_dir, accumulator, config, out_dir, extra, swift_args, log)
     else:
         with _zero3_init_off():
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map="cpu")
+            model = model_class.from_pretrained(model_dir, dtype="auto", device_map="cpu")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = _onto(model, device)
         result = prune_model(model, accumulator, config, calibration=calibration, guard=guard, device=device,
@@ -265,7 +276,7 @@ def prune_checkpoint(model_dir: str | os.PathLike, accumulator: IGIAAccumulator,
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         log(f"[GradPruner] saving the pruned model to {out_dir} ...")
         save_pruned(model, result, out_dir, tokenizer=tokenizer, overwrite=True,
-                    extra_files={"args.json": swift_args})  # fmt: skip
+                    extra_files={"args.json": swift_args, **_other_files(model_dir)})  # fmt: skip
     if "vllm_unsupported" in result.report:
         warn(f"[GradPruner] WARNING: vLLM cannot serve the pruned model: {result.report['vllm_unsupported']}")
     return result
@@ -274,17 +285,19 @@ def prune_checkpoint(model_dir: str | os.PathLike, accumulator: IGIAAccumulator,
 def _prune_streaming(model_dir, accumulator, config, out_dir, extra, swift_args, log) -> PruneResult:
     """prune_checkpoint without loading the model: nothing needs to run it (an IGIA ranking, no quality
     guard, no timing), so the shards are pruned one layer at a time (streaming.py)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from .streaming import write_pruned
 
+    model_config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+        meta = auto_class(model_config)(model_config)
+    prefix = layers_prefix(meta)
     log(f"[GradPruner] streaming surgery: {model_dir} is pruned shard by shard, one layer in memory at a time")
     with atomic_dir(out_dir, overwrite=True) as folder:
 
         def surgery(plan: LayerPlan, igia) -> dict[int, dict[str, float]]:
-            return write_pruned(model_dir, folder, plan, igia, config)
+            return write_pruned(model_dir, folder, plan, igia, config, prefix=prefix)
 
         result = prune_model(meta, accumulator, config, extra=extra, log=log, surgery=surgery)
         for name, write in _report_files(result, {"args.json": swift_args}).items():
@@ -293,9 +306,36 @@ def _prune_streaming(model_dir, accumulator, config, out_dir, extra, swift_args,
 
 
 def _has_safetensors(model_dir) -> bool:
-    from .streaming import INDEX_NAME
+    """A safetensors checkpoint whose decoder-layer keys are what the model calls them (streaming.py)."""
+    from transformers import AutoConfig
 
-    return (Path(model_dir) / "model.safetensors").is_file() or (Path(model_dir) / INDEX_NAME).is_file()
+    from .architecture import text_config
+    from .streaming import INDEX_NAME, has_layer_keys
+
+    if not ((Path(model_dir) / "model.safetensors").is_file() or (Path(model_dir) / INDEX_NAME).is_file()):
+        return False
+    model_config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        meta = auto_class(model_config)(model_config)
+    return has_layer_keys(model_dir, layers_prefix(meta), text_config(model_config).num_hidden_layers)
+
+
+def _other_files(model_dir) -> dict[str, Any]:
+    """Files of the base checkpoint that save_pretrained and the tokenizer do not write (a vision-language
+    model's processor and chat template), as extra files for the pruned checkpoint."""
+    from .streaming import WEIGHT_SUFFIXES
+
+    written = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "args.json"}  # fmt: skip
+    out = {}
+    for path in Path(model_dir).iterdir():
+        if path.is_file() and path.name not in written and not path.name.endswith(WEIGHT_SUFFIXES):
+            out[path.name] = _Raw(path.read_bytes())
+    return out
+
+
+class _Raw(bytes):
+    """File contents copied as they are (``_report_files`` writes JSON for anything else)."""
 
 
 def _onto(model, device: str):
