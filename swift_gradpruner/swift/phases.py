@@ -26,9 +26,11 @@ from .reuse import PHASE1_FILE, phase1_settings, swift_version
 PHASE1_DIR = "phase1"
 
 
-def run_phase1(argv: list[str], args, config: GradPruneConfig, key: str, state_dir: Path) -> None:
+def run_phase1(argv: list[str], args, config: GradPruneConfig, key: str, state_dir: Path,
+               zero_dropout: bool = False) -> None:  # fmt: skip
     """Phase 1 on every rank; rank 0 writes the IGIA state (factors step by step, then the sums,
-    the held-out and calibration rows and the run's facts) to ``state_dir``, atomically."""
+    the held-out and calibration rows and the run's facts) to ``state_dir``, atomically.
+    ``zero_dropout``: phase 1's own LoRA (a non-LoRA run) wraps fused experts and needs dropout 0."""
     from swift.utils import get_logger, is_master
 
     logger = get_logger()
@@ -37,7 +39,7 @@ def run_phase1(argv: list[str], args, config: GradPruneConfig, key: str, state_d
     if is_master():
         shutil.rmtree(building, ignore_errors=True)
     accumulator = IGIAAccumulator(keep_factors=is_master(), factor_dir=building if is_master() else None)
-    phase1_args = parse_sft_args(phase1_argv(argv, args, config, phase1_dir))
+    phase1_args = parse_sft_args(phase1_argv(argv, args, config, phase1_dir, zero_dropout))
     phase1 = _phase1_pipeline_class()(phase1_args, config, accumulator)
     phase1.main()
     capture = phase1.capture
@@ -157,8 +159,12 @@ def prune_from_state(args, config: GradPruneConfig, state_dir: Path, key: str, p
     get_logger().info(f"[GradPruner] pruned model saved: {pruned_dir}")
 
 
-def phase1_argv(argv: list[str], args, config: GradPruneConfig, out_dir: Path) -> list[str]:
-    """The user's arguments turned into phase 1: plain LoRA, no saving, evaluation or resuming."""
+def phase1_argv(argv: list[str], args, config: GradPruneConfig, out_dir: Path, zero_dropout: bool = False) -> list[str]:
+    """The user's arguments turned into phase 1: plain LoRA, no saving, evaluation or resuming.
+
+    A run that is not LoRA gets GradPruner's LoRA (``gradprune_lora_rank``/``_alpha``, all linears; dropout
+    0 when ``zero_dropout``: peft's ParamWrapper on fused experts refuses any other). A LoRA run keeps its
+    own settings (preflight refuses a dropout ParamWrapper cannot take)."""
     dropped = {"--resume_from_checkpoint", "--resume_only_model"}
     if args.tuner_type != "lora":
         dropped |= {"--target_modules", "--target_regex"}
@@ -173,6 +179,8 @@ def phase1_argv(argv: list[str], args, config: GradPruneConfig, out_dir: Path) -
         overrides.update(
             lora_rank=str(config.lora_rank), lora_alpha=str(config.lora_alpha), target_modules="all-linear"
         )
+        if zero_dropout:
+            overrides.update(lora_dropout="0")
     extra = [token for key, value in overrides.items() for token in (f"--{key}", value)]
     return [*argv, *extra]
 

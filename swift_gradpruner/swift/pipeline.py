@@ -48,7 +48,7 @@ def run(argv: list[str], config: GradPruneConfig) -> dict[str, Any]:
     first = phase1_key(args, config)
     key = prune_key(first, config)
     try:
-        preflight(args, config)
+        wraps_parameters = preflight(args, config)
         check_shared_output_dir(args.output_dir)
         if args.resume_from_checkpoint:
             pruned_dir = pruned_model_of_checkpoint(args.resume_from_checkpoint, key)
@@ -63,7 +63,7 @@ def run(argv: list[str], config: GradPruneConfig) -> dict[str, Any]:
         if state is None:
             state = Path(args.output_dir) / GRADPRUNE_DIR / STATE_DIR
             try:
-                run_phase1(argv, args, config, first, state)
+                run_phase1(argv, args, config, first, state, zero_dropout=wraps_parameters)
             except Exception as error:  # one line for the user, no half-made folders left behind
                 discard_phase1(state)
                 remove_empty_output_dirs(args)
