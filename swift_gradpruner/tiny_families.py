@@ -45,12 +45,14 @@ FAMILY_CONFIG: dict[str, dict] = {
         n_group=1,
         topk_group=1,
         q_lora_rank=32,
-        kv_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
+        # vLLM's CPU MLA kernel only compiles for a latent cache of kv_lora_rank + rope = 512 + 64 (DeepSeek-V3's).
+        kv_lora_rank=512,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=16,
         v_head_dim=16,
-        head_dim=8,
-        num_key_value_heads=4,  # multi-head latent attention: as many key/value heads as query heads
+        head_dim=64,
+        topk_method="noaux_tc",  # as in DeepSeek-V3's config.json (vLLM reads it; transformers always does this)
+        scoring_func="sigmoid",
         **_MOE,
     ),
 }
@@ -94,6 +96,8 @@ def family_config(model_type: str, vocab_size: int, num_layers: int = 4, head_di
                                     mm_tokens_per_image=4, boi_token_index=_token("<start_of_image>"),
                                     eoi_token_index=_token("<end_of_image>"), image_token_index=_token(IMAGE_TOKEN),
                                     tie_word_embeddings=True)  # fmt: skip
+    if model_type == "deepseek_v3":  # multi-head latent attention: as many key/value heads as query heads
+        text["num_key_value_heads"] = heads
     return AutoConfig.for_model(model_type, **{**text, **FAMILY_CONFIG[model_type], **overrides})
 
 

@@ -21,7 +21,7 @@ from swift_gradpruner.merge import merge_priority, merge_removed_layers
 from swift_gradpruner.prune import prune_model
 from swift_gradpruner.selection import plan_removal
 from swift_gradpruner.surgery import remove_layers
-from swift_gradpruner.tiny_families import build_family, build_family_tokenizer, family_config
+from swift_gradpruner.tiny_families import build_family, build_family_tokenizer, create_family, family_config
 
 NEW = [f for f in FAMILIES if f.model_type not in ("llama", "mistral", "qwen2", "qwen3")]
 # Layers removed per family: each breaks a naive config (an index rule or a per-layer list) if it is kept as is.
@@ -237,3 +237,27 @@ def test_fused_expert_lora_is_captured_per_expert(vocab):
     mixed = build_family("qwen3_moe", vocab)  # layers 0 and 2 dense
     mixed_pairs = lora_pairs(get_peft_model(mixed, LoraConfig(r=2, target_modules=targets, lora_dropout=0.0)))
     assert "layer 0: mlp.gate_proj" in incomplete_layers(mixed, [p.name for p in mixed_pairs])
+
+
+def test_preflight_knows_what_phase_1_lora_will_wrap(tmp_path):
+    """Qwen3-MoE under swift's all-linear: peft wraps the fused experts (ParamWrapper). A LoRA run with
+    swift's default dropout is refused before loading; with --lora_dropout 0 it passes, but an IGIA ranking
+    is refused (dense layers' MLP left without LoRA); a full run's phase 1 gets dropout 0 by itself."""
+    from swift_gradpruner.swift.phases import phase1_argv
+    from swift_gradpruner.swift.preflight import parse_sft_args, preflight
+
+    base, data = create_family(tmp_path, "qwen3_moe", rows=8)
+    argv = ["--model", str(base), "--model_type", "qwen3_moe", "--template", "qwen3", "--dataset", str(data),
+            "--output_dir", str(tmp_path / "out"), "--check_model", "false", "--max_steps", "4"]  # fmt: skip
+    free = GradPruneConfig(prune_layers=1, score="block_influence")
+    with pytest.raises(GradPruneConfigError, match="ParamWrapper refuses dropout .* pass --lora_dropout 0"):
+        preflight(parse_sft_args([*argv, "--tuner_type", "lora"]), free)
+    lora = parse_sft_args([*argv, "--tuner_type", "lora", "--lora_dropout", "0"])
+    assert preflight(lora, free) is True
+    with pytest.raises(GradPruneConfigError, match=r"ranks layers by their IGIA sums .*\(layer 0: mlp.gate_proj"):
+        preflight(lora, GradPruneConfig(prune_layers=1, score="squared"))
+    full_argv = [*argv, "--tuner_type", "full"]
+    full = parse_sft_args(full_argv)
+    assert preflight(full, free) is True
+    phase1 = phase1_argv(full_argv, full, free, tmp_path / "phase1", zero_dropout=True)
+    assert phase1[phase1.index("--lora_dropout") + 1] == "0"
