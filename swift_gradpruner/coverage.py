@@ -20,6 +20,13 @@ from .config import GradPruneConfigError
 _NOT_MATRICES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
 
+def is_fused_experts(module: nn.Module) -> bool:
+    """A module holding 3-d weights of its own that is not a linear or convolution (routed experts)."""
+    if isinstance(module, (nn.Linear, *_NOT_MATRICES)):
+        return False
+    return any(p.dim() == 3 for p in module.parameters(recurse=False))
+
+
 def matrix_weights(layer: nn.Module) -> list[str]:
     """Names in ``layer`` of its trainable matrices: every ``nn.Linear`` and every 3-d parameter of another
     module (fused routed experts, e.g. ``mlp.experts.gate_up_proj``); norms, biases, convolutions and
@@ -31,7 +38,7 @@ def matrix_weights(layer: nn.Module) -> list[str]:
         name = name.replace(".base_layer", "")
         if isinstance(module, nn.Linear):
             names.append(name)
-        elif not isinstance(module, _NOT_MATRICES):
+        elif is_fused_experts(module):
             names += [f"{name}.{p}" if name else p for p, t in module.named_parameters(recurse=False) if t.dim() == 3]
     return list(dict.fromkeys(names))
 

@@ -31,6 +31,7 @@ class Family:
     lora_dropout_zero: bool = False
     """swift's default all-linear LoRA wraps fused expert parameters with peft's ParamWrapper, which needs
     ``--lora_dropout 0`` (phase 1 and the user's own LoRA run)."""
+    note: str = ""
 
     @property
     def merge(self) -> str:
@@ -54,7 +55,15 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen3_moe", "qwen3_moe", "qwen3", True, moe=True, lora_dropout_zero=True),
     Family("mixtral", "mixtral", "llama", True, moe=True),
     Family("glm4_moe", "glm4_moe", "glm4_5", True, moe=True, lora_dropout_zero=True),
-    Family("gpt_oss", "gpt_oss", "gpt_oss", True, moe=True),
+    Family(
+        "gpt_oss",
+        "gpt_oss",
+        "gpt_oss",
+        True,
+        moe=True,
+        note="vLLM takes sliding windows from layer parity: "
+        "the report flags (`vllm_unsupported`) a pruned model whose layer_types no longer alternate",
+    ),  # fmt: skip
     Family("deepseek_v3", "deepseek_v3", "deepseek_v2_5", True, moe=True, lora_dropout_zero=True),
     Family("gemma3", "gemma3_vision", "gemma3_vision", False, _TORCHVISION, vision=True),
 )
@@ -79,6 +88,8 @@ def markdown_table() -> str:
             notes.append("vision-language: language-model layers only, vision tower unchanged")
         if f.lora_dropout_zero:
             notes.append("LoRA runs need `--lora_dropout 0`")
+        if f.note:
+            notes.append(f.note)
         rows.append(f"| `{f.model_type}` | `{f.swift_model_type}` / `{f.template}` | {vllm} | {f.merge} | "
                     f"{'; '.join(notes)} |")  # fmt: skip
     return "\n".join(rows)

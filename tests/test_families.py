@@ -261,3 +261,34 @@ def test_preflight_knows_what_phase_1_lora_will_wrap(tmp_path):
     assert preflight(full, free) is True
     phase1 = phase1_argv(full_argv, full, free, tmp_path / "phase1", zero_dropout=True)
     assert phase1[phase1.index("--lora_dropout") + 1] == "0"
+
+
+@pytest.mark.parametrize("model_type", ["gemma3", "qwen3_next"])
+def test_report_and_timing_of_vision_language_and_hybrid_moe(model_type, vocab):
+    """The per-run report on a vision-language and a hybrid MoE model records vLLM-on-CPU's known refusal,
+    and the dense-vs-pruned timing runs on them (vocabulary and heads read from the decoder's config)."""
+    from swift_gradpruner.prune import time_dense_vs_pruned
+    from swift_gradpruner.surgery import Snapshot
+
+    model = build_family(model_type, vocab)
+    result = prune_model(model, None, GradPruneConfig(prune_layers=1, merge_layers=0, score="last", benchmark=False))
+    report = result.report
+    assert (report["num_layers_before"], report["num_layers_after"], report["dropped_layers"]) == (4, 3, [2])
+    assert f"does not serve {model_type}" in report["vllm_cpu_unsupported"]
+    model = build_family(model_type, vocab)
+    dense = Snapshot(model)
+    remove_layers(model, [2])
+    timing = time_dense_vs_pruned(model, dense, rounds=1)
+    assert set(timing["workloads"]) == {"decode", "prefill"} and len(decoder(model).layers) == 3
+
+
+def test_gpt_oss_pruned_off_its_layer_parity_is_flagged_for_vllm(vocab):
+    """vLLM's gpt-oss slides on even layers whatever layer_types say (tests/test_families_swift.py shows it
+    serving another model then); the report's vllm_unsupported says so for such a prune, not otherwise."""
+    from swift_gradpruner.serving import vllm_refusal
+
+    kept_parity, broken = build_family("gpt_oss", vocab), build_family("gpt_oss", vocab)
+    remove_layers(kept_parity, [3])
+    remove_layers(broken, [1])
+    assert vllm_refusal(kept_parity.config) is None
+    assert "ignores layer_types" in vllm_refusal(broken.config)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from swift_gradpruner.architecture import auto_class, text_config
+from swift_gradpruner.config import GradPruneConfig
 from swift_gradpruner.surgery import remove_layers
 from swift_gradpruner.tiny_families import build_family_tokenizer, create_family
 from swift_run import check, report_of, run_dir, swift
@@ -69,7 +70,9 @@ def test_swift_sft_gradprune_on_each_family(family, runs, tmp_path):
     remove_layers(dense, report["dropped_layers"])
     reloaded = assert_reload_and_cache(dense, tmp_path / "in_memory", len(build_family_tokenizer()))
     pruned = auto_class(_config(run["pruned"])).from_pretrained(run["pruned"], dtype=torch.float32).eval()
-    assert text_config(pruned.config).to_dict() == text_config(reloaded.config).to_dict()
+    mine, theirs = (text_config(m.config).to_dict() for m in (pruned, reloaded))
+    assert {k: v for k, v in mine.items() if k != "_name_or_path"} == {k: v for k, v in theirs.items()
+                                                                        if k != "_name_or_path"}  # fmt: skip
     for (name, mine), (other, theirs) in zip(pruned.state_dict().items(), reloaded.state_dict().items(), strict=True):
         assert name == other and torch.equal(mine, theirs), name
 
@@ -109,12 +112,32 @@ def test_vision_tower_and_processor_unchanged(family, runs):
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (EXTRAS=vllm)")
 def test_vllm_on_cpu_serves_the_pruned_families_with_transformers_tokens(runs, tmp_path):
+    """The swift-pruned checkpoint of every family vLLM on CPU serves: vLLM's greedy tokens equal
+    transformers'. gpt-oss, whose vLLM model takes sliding windows from layer parity, is checked on two
+    in-memory prunes instead (the criterion's choice decides the parity): one that keeps the alternation
+    is served exactly; one that breaks it is flagged in the report and vLLM really computes another model."""
     from test_vllm_serving import prompts_of, transformers_greedy, vllm_generate
+
+    from swift_gradpruner.prune import prune_model
+    from swift_gradpruner.serving import vllm_refusal
+    from swift_gradpruner.tiny_families import build_family
 
     tokenizer = build_family_tokenizer()
     prompts = prompts_of(tokenizer)
-    models = {f.model_type: runs(f)["pruned"] for f in VLLM}
+    models = {f.model_type: runs(f)["pruned"] for f in VLLM if f.model_type != "gpt_oss"}
+    model = build_family("gpt_oss", len(tokenizer), head_dim=64)
+    report = prune_model(model, None, GradPruneConfig(prune_layers=1, score="last", benchmark=False)).report
+    for name, removed in (("gpt_oss", [3]), ("gpt_oss_parity_broken", [1])):
+        model = build_family("gpt_oss", len(tokenizer), head_dim=64)
+        remove_layers(model, removed)
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        models[name] = tmp_path / name
+    assert "vllm_unsupported" in report  # score=last removed layer 2: [sliding, full, full] breaks the parity
+    assert vllm_refusal(_config(models["gpt_oss"])) is None
+    assert "takes each layer's attention from its index" in vllm_refusal(_config(models["gpt_oss_parity_broken"]))
     served = vllm_generate(models, prompts, tmp_path, timeout=540)["results"]
     for name, folder in models.items():
         assert "tokens" in served[name], f"{name}: {served[name].get('error', '')[-2000:]}"
-        assert served[name]["tokens"] == transformers_greedy(folder, prompts)[0], name
+        same = served[name]["tokens"] == transformers_greedy(folder, prompts)[0]
+        assert same is (name != "gpt_oss_parity_broken"), name
