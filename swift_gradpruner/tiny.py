@@ -76,8 +76,9 @@ def write_dataset(path: str | Path, count: int = 256, seed: int = 0) -> Path:
     return path
 
 
-def build_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE tokenizer trained on the tiny dataset, with ChatML special tokens."""
+def build_tokenizer(vocab_size: int = 512, extra_special_tokens: list[str] | tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer trained on the tiny dataset, with ChatML special tokens (ids 0-2) and
+    ``extra_special_tokens`` after them."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -87,7 +88,7 @@ def build_tokenizer(vocab_size: int = 512):
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=[*SPECIAL_TOKENS, *extra_special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

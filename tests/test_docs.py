@@ -13,6 +13,13 @@ def test_readme_lists_every_flag_with_its_default_and_help():
         assert f"| `{flag}` | `{default}` | {text} |" in README, flag
 
 
+def test_readme_table_of_model_families_is_the_codes():
+    from swift_gradpruner.families import FAMILIES, markdown_table
+
+    assert markdown_table() in README
+    assert all(f"| `{family.model_type}` |" in README for family in FAMILIES)
+
+
 def test_public_names_are_the_modules_documented_objects():
     import importlib
 

@@ -338,7 +338,7 @@ BAD_INPUTS = [
     (["--gradprune_merge_mode", "sum"], "gradprune merge_mode='sum' is invalid: must be one of add, average, fisher"),
     (["--fsdp", "fsdp2"], "is not supported with --gradprune yet (FSDP shards the LoRA gradients"),
     (["--adapters", "@adapter"], "--adapters cannot be combined with --gradprune: adapters trained on the dense model"),
-    (["@phi3"], "GradPruner does not support model_type 'phi3'; supported: llama, mistral, qwen2, qwen3"),
+    (["@unsupported"], "GradPruner does not support model_type 'seed_oss'; supported: llama, mistral, qwen2, qwen3"),
     (["@quantised"], "cannot prune a pre-quantised checkpoint (config.json has quantization_config: gptq)"),
 ]  # fmt: skip
 
@@ -346,8 +346,8 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("extra, message", BAD_INPUTS, ids=[m[:40] for _, m in BAD_INPUTS])
 def test_bad_input_fails_early_with_one_line_and_no_output_dir(tiny, tmp_path, extra, message):
     model, model_type = str(tiny["llama"]), "llama"
-    if extra == ["@phi3"]:
-        model, model_type, extra = str(_phi3(tiny["root"])), "phi3", []
+    if extra == ["@unsupported"]:
+        model, model_type, extra = str(_unsupported(tiny["root"])), "seed_oss", []
     elif extra == ["@quantised"]:
         model, extra = str(_quantised(tiny["root"], tiny["llama"])), []
     elif extra == ["@custom"]:
@@ -417,8 +417,9 @@ def _custom_code(root: Path, source: Path) -> Path:
     return path
 
 
-def _phi3(root: Path) -> Path:
-    path = root / "phi3"
+def _unsupported(root: Path) -> Path:
+    """A family swift trains and GradPruner does not prune (ByteDance Seed-OSS)."""
+    path = root / "seed_oss"
     if not path.exists():
         from transformers import AutoConfig
 
@@ -426,7 +427,7 @@ def _phi3(root: Path) -> Path:
 
         tokenizer = build_tokenizer()
         config = AutoConfig.for_model(
-            "phi3", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            "seed_oss", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=4, pad_token_id=0, eos_token_id=2, bos_token_id=None,
         )  # fmt: skip
         AutoModelForCausalLM.from_config(config).save_pretrained(path)

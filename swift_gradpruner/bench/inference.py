@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..architecture import text_config
 from .paired import alternate
 
 
@@ -69,7 +70,7 @@ class TransformersEngine:
     def run(self, workload: Workload) -> float:
         from transformers import GenerationConfig
 
-        ids = prompts(workload, self.model.config.vocab_size).to(self.device)
+        ids = prompts(workload, text_config(self.model.config).vocab_size).to(self.device)
         greedy = GenerationConfig(
             max_new_tokens=workload.new_tokens, min_new_tokens=workload.new_tokens, do_sample=False, use_cache=True,
             eos_token_id=None, pad_token_id=0,

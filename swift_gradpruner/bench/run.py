@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import flops
-from ..architecture import check_supported
+from ..architecture import auto_class, check_supported, text_config
 from .inference import BENCH_WORKLOADS, TransformersEngine, VllmEngine, Workload, compare_inference
 from .paired import alternate
 from .training import TRAINER_PATH, TrainingStep
@@ -126,13 +126,12 @@ def run_bench(dense_dir: str | os.PathLike, pruned_dir: str | os.PathLike, outpu
 
 def _counts(dense_config, pruned_config, seq: int, dtype: str) -> dict:
     """Parameters, FLOPs per token and bytes, from meta-device models (nothing is loaded)."""
-    from transformers import AutoModelForCausalLM
-
     element = torch.finfo(getattr(torch, dtype)).bits // 8
     counts = {}
-    for name, config in (("dense", dense_config), ("pruned", pruned_config)):
+    for name, full in (("dense", dense_config), ("pruned", pruned_config)):
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = auto_class(full)(full)
+        config = text_config(full)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         counts[name] = {
@@ -147,9 +146,9 @@ def _counts(dense_config, pruned_config, seq: int, dtype: str) -> dict:
 
 
 def _load(path, device: str, dtype: str):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+    return auto_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
 
 
 def _bench_training(dense_dir, pruned_dir, mode, device, dtype, seq, settings, log) -> dict:

@@ -28,9 +28,11 @@ PHASE1_DIR = "phase1"
 ERROR_LOG = "error.log"
 
 
-def run_phase1(argv: list[str], args, config: GradPruneConfig, key: str, state_dir: Path) -> None:
+def run_phase1(argv: list[str], args, config: GradPruneConfig, key: str, state_dir: Path,
+               zero_dropout: bool = False) -> None:  # fmt: skip
     """Phase 1 on every rank; rank 0 writes the state (the IGIA sums, the factors when a merge reads
-    them, the held-out and calibration rows and the run's facts) to ``state_dir``, atomically."""
+    them, the held-out and calibration rows and the run's facts) to ``state_dir``, atomically.
+    ``zero_dropout``: phase 1's own LoRA (a non-LoRA run) wraps fused experts and needs dropout 0."""
     from swift.utils import get_logger, is_master
 
     logger = get_logger()
@@ -40,7 +42,7 @@ def run_phase1(argv: list[str], args, config: GradPruneConfig, key: str, state_d
     if is_master():
         shutil.rmtree(building, ignore_errors=True)
     accumulator = IGIAAccumulator(keep_factors=keep, factor_dir=building if keep else None)
-    phase1_args = parse_sft_args(phase1_argv(argv, args, config, phase1_dir))
+    phase1_args = parse_sft_args(phase1_argv(argv, args, config, phase1_dir, zero_dropout))
     phase1 = _phase1_pipeline_class()(phase1_args, config, accumulator, args.split_dataset_ratio)
     phase1.main()
     capture = phase1.capture

@@ -67,8 +67,12 @@ def hand_back_cuda_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def phase1_argv(argv: list[str], args, config: GradPruneConfig, out_dir: Path) -> list[str]:
-    """The user's arguments turned into phase 1: plain LoRA, no saving, evaluation or resuming."""
+def phase1_argv(argv: list[str], args, config: GradPruneConfig, out_dir: Path, zero_dropout: bool = False) -> list[str]:
+    """The user's arguments turned into phase 1: plain LoRA, no saving, evaluation or resuming.
+
+    A run that is not LoRA gets GradPruner's LoRA (``gradprune_lora_rank``/``_alpha``, all linears; dropout
+    0 when ``zero_dropout``: peft's ParamWrapper on fused experts refuses any other). A LoRA run keeps its
+    own settings (preflight refuses a dropout ParamWrapper cannot take)."""
     dropped = {"--resume_from_checkpoint", "--resume_only_model"}
     if args.tuner_type != "lora":
         dropped |= {"--target_modules", "--target_regex"}
@@ -83,6 +87,8 @@ def phase1_argv(argv: list[str], args, config: GradPruneConfig, out_dir: Path) -
         overrides.update(
             lora_rank=str(config.lora_rank), lora_alpha=str(config.lora_alpha), target_modules="all-linear"
         )
+        if zero_dropout:
+            overrides.update(lora_dropout="0")
     extra = [token for key, value in overrides.items() for token in (f"--{key}", value)]
     return [*argv, *extra]
 

@@ -57,7 +57,7 @@ def run(argv: list[str], config: GradPruneConfig) -> dict[str, Any]:
     if stale:
         logger.info(f"[GradPruner] removed what an interrupted run left half-written: {', '.join(stale)}")
     pruned_dir = Path(decision.pruned_dir)
-    stages.update(_prepare_model(argv, args, config, decision))
+    stages.update(_prepare_model(argv, args, config, decision, zero_dropout=facts.wraps_parameters))
     report = read_report(pruned_dir)
     logger.info(f"[GradPruner] {summary(report)}; phase 2 trains {pruned_dir}")
     phase2 = [*argv, "--model", str(pruned_dir), "--model_type", args.model_type, "--template", args.template,
@@ -75,8 +75,10 @@ def run(argv: list[str], config: GradPruneConfig) -> dict[str, Any]:
     return result
 
 
-def _prepare_model(argv: list[str], args, config: GradPruneConfig, decision: Decision) -> dict[str, float]:
-    """Make the pruned model of ``decision`` exist in this run's version folder; the seconds by stage."""
+def _prepare_model(argv: list[str], args, config: GradPruneConfig, decision: Decision, *,
+                   zero_dropout: bool) -> dict[str, float]:  # fmt: skip
+    """Make the pruned model of ``decision`` exist in this run's version folder; the seconds by stage.
+    ``zero_dropout``: phase 1's LoRA wraps fused experts (preflight's ModelFacts.wraps_parameters)."""
     from swift.utils import get_logger
 
     logger = get_logger()
@@ -94,7 +96,7 @@ def _prepare_model(argv: list[str], args, config: GradPruneConfig, decision: Dec
     stages: dict[str, float] = {}
     start = time.perf_counter()
     if decision.action == PHASE1:
-        _phase1_or_one_line(argv, args, config, decision.phase1_key, state)
+        _phase1_or_one_line(argv, args, config, decision.phase1_key, state, zero_dropout)
         stages["phase 1"] = time.perf_counter() - start
     elif decision.action == DATA:
         try:
@@ -123,10 +125,11 @@ def _prepare_model(argv: list[str], args, config: GradPruneConfig, decision: Dec
     return stages
 
 
-def _phase1_or_one_line(argv: list[str], args, config: GradPruneConfig, key: str, state: Path) -> None:
+def _phase1_or_one_line(argv: list[str], args, config: GradPruneConfig, key: str, state: Path,
+                        zero_dropout: bool) -> None:  # fmt: skip
     """Phase 1; a failure ends the run with one line naming the file that holds the full error."""
     try:
-        run_phase1(argv, args, config, key, state)
+        run_phase1(argv, args, config, key, state, zero_dropout=zero_dropout)
     except GradPruneConfigError:  # stopped on purpose (e.g. no usable gradient): nothing worth keeping
         discard_phase1(state)
         remove_empty_output_dirs(args)

@@ -8,8 +8,9 @@ from types import SimpleNamespace
 
 import torch
 
-from ..architecture import LAYERS_PREFIX, check_supported, decoder_layers, parameter_counts
-from ..config import GradPruneConfig, GradPruneConfigError
+from ..architecture import auto_class, check_supported, decoder_layers, layers_prefix, parameter_counts
+from ..config import IGIA_SCORES, GradPruneConfig, GradPruneConfigError
+from ..coverage import check_igia_comparable
 from ..selection import layers_to_remove
 
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".txt", ".parquet", ".arrow")
@@ -66,6 +67,9 @@ class ModelFacts:
     """Layers the run removes (the ceiling for prune_layers=auto)."""
     kept_compute: float
     """Share of the per-token matmul weights (decoder linears and LM head) the pruned model keeps."""
+    wraps_parameters: bool = False
+    """Phase 1's LoRA wraps fused expert parameters (peft's ParamWrapper: a non-LoRA run's phase 1 uses
+    ``--lora_dropout 0``)."""
 
 
 def preflight(args, config: GradPruneConfig) -> ModelFacts:
@@ -109,19 +113,26 @@ def preflight(args, config: GradPruneConfig) -> ModelFacts:
             "the pruned one; merge them first (swift export --merge_lora true) and prune the merged model"
         )
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     check_supported(_raw_config(args.model_dir))  # custom-code models end here, before AutoConfig runs their code
     model_config = AutoConfig.from_pretrained(args.model_dir)
     check_supported(model_config)
-    # The class itself, not from_config: under ZeRO-3 from_config would initialise through DeepSpeed.
-    with torch.device("meta"):
-        meta = MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)](model_config)
+    meta = meta_model(model_config)
     per_layer, total = parameter_counts(meta)
     auto = config.prune_layers == "auto"
     remove = layers_to_remove(replace(config, prune_layers=None, merge_layers=0) if auto else config, per_layer, total)
     check_lora_targets(args, meta, every_layer=config.needs_gradients)
-    facts = ModelFacts(layers=len(per_layer), remove=remove, kept_compute=_kept_compute(meta, remove))
+    names, wraps_parameters = phase1_lora(args, model_config)
+    if wraps_parameters and args.tuner_type == "lora" and args.lora_dropout:
+        raise GradPruneConfigError(
+            f"--lora_dropout {args.lora_dropout}: your LoRA targets reach this model's fused expert weights, which "
+            "peft wraps with ParamWrapper, and ParamWrapper refuses dropout (phase 1 and your own run would both "
+            "fail after loading the model); pass --lora_dropout 0"
+        )
+    if config.score in IGIA_SCORES:
+        check_igia_comparable(meta, names, config.score)
+    facts = ModelFacts(layers=len(per_layer), remove=remove, kept_compute=_kept_compute(meta, remove),
+                       wraps_parameters=wraps_parameters)  # fmt: skip
     if config.needs_gradients and args.max_steps and args.max_steps > 0:
         config.phase1_steps(args.max_steps)
     return facts
@@ -157,9 +168,10 @@ def check_lora_targets(args, meta_model, every_layer: bool) -> None:
         return
     lora = LoraConfig(target_modules=regex or [t for t in targets if t != "all-linear"])
     linears = [n for n, m in meta_model.named_modules() if isinstance(m, torch.nn.Linear)]
+    prefix = layers_prefix(meta_model)
     layers = len(decoder_layers(meta_model))
-    covered = {int(n[len(LAYERS_PREFIX) :].split(".")[0]) for n in linears
-               if n.startswith(LAYERS_PREFIX) and check_target_module_exists(lora, n)}  # fmt: skip
+    covered = {int(n[len(prefix) :].split(".")[0]) for n in linears
+               if n.startswith(prefix) and check_target_module_exists(lora, n)}  # fmt: skip
     missing = [j for j in range(layers) if j not in covered]
     shown = regex or " ".join(targets)
     if not covered:
@@ -186,6 +198,38 @@ def _ranges(values: list[int]) -> str:
         else:
             runs.append([value])
     return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}" for run in runs)
+
+
+def meta_model(model_config):
+    """The model built on the meta device (no memory, no weights)."""
+    # The class itself, not from_config: under ZeRO-3 from_config would initialise through DeepSpeed.
+    with torch.device("meta"):
+        return auto_class(model_config)(model_config)
+
+
+def phase1_lora(args, model_config) -> tuple[list[str], bool]:
+    """What phase 1's LoRA will adapt, found the way swift and peft will find it (swift's target expansion,
+    e.g. ``all-linear``, then peft 0.20's injection, which moves MLP targets of some MoE families onto
+    their fused expert weights) on a meta-device model: the adapted weights' names (``capture.LoraPair``)
+    and whether any is a fused parameter (peft's ParamWrapper, which needs ``lora_dropout`` 0)."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, inject_adapter_in_model
+    from swift.pipelines.train.tuner import get_target_modules
+
+    from ..capture import lora_pairs
+
+    lora_args = args
+    if args.tuner_type != "lora":
+        lora_args = SimpleNamespace(target_modules=["all-linear"], target_parameters=None, freeze_llm=False,
+                                    freeze_vit=args.freeze_vit, freeze_aligner=args.freeze_aligner)  # fmt: skip
+    model = meta_model(model_config)
+    model.model_meta, model.model_info = args.model_meta, args.model_info
+    lora = LoraConfig(r=8, target_modules=get_target_modules(lora_args, model), lora_dropout=0.0,
+                      target_parameters=lora_args.target_parameters)  # fmt: skip
+    inject_adapter_in_model(lora, model)
+    wraps_parameters = any(hasattr(module, "parameter_name") for module in model.modules())  # peft's ParamWrapper
+    return [pair.name for pair in lora_pairs(model)], wraps_parameters
 
 
 def phase1_targets(args) -> tuple[list[str], str | None]:
