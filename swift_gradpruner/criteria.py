@@ -246,18 +246,31 @@ def skip_loss_order(
 
 @torch.inference_mode()
 def block_influence(model: nn.Module, batches: Sequence[Batch]) -> list[float]:
-    """ShortGPT's Block Influence of each layer: 1 - mean cos(input, output) over real tokens."""
-    num = len(decoder_layers(model))
-    kept = list(range(num))
-    sums, tokens = [0.0] * num, 0
-    for batch in batches:
-        seen = _layer_inputs(model, batch, kept)
-        real = batch["attention_mask"].to(seen[0].device).bool()
-        for j in kept:
-            out = seen[j + 1] if j + 1 < num else seen[-1]
-            cos = nn.functional.cosine_similarity(seen[j].float(), out.float(), dim=-1)
-            sums[j] += float(cos[real].sum())
-        tokens += int(real.sum())
+    """ShortGPT's Block Influence of each layer: 1 - mean cos(input, output) over real tokens.
+
+    Each layer's cosines are summed as the forward pass leaves it, so no more than one layer's input
+    and output are held at a time (a 70B model at 4k tokens would need ~5 GiB for all of them)."""
+    layers = decoder_layers(model)
+    sums, tokens = [0.0] * len(layers), 0
+    real: torch.Tensor | None = None
+    hooks = []
+    for j, layer in enumerate(layers):
+
+        def measure(module, args, kwargs, output, j=j):
+            entering = args[0] if args else kwargs["hidden_states"]
+            leaving = output[0] if isinstance(output, tuple) else output
+            cos = nn.functional.cosine_similarity(entering.float(), leaving.float(), dim=-1)
+            sums[j] += float(cos[real.to(cos.device)].sum())
+
+        hooks.append(layer.register_forward_hook(measure, with_kwargs=True))
+    try:
+        for batch in batches:
+            real = batch["attention_mask"].bool()
+            _final_hidden(model, batch)
+            tokens += int(real.sum())
+    finally:
+        for hook in hooks:
+            hook.remove()
     return [1 - s / tokens for s in sums]
 
 

@@ -37,7 +37,7 @@ save_steps: 150
 report_to: none
 output_dir: gradprune_demo/output
 # GradPruner with its defaults: 40% of the decoder-layer parameters removed (3 of the 8 layers),
-# chosen by what removing each does to the loss on rows of this data (skip_loss), none merged;
+# those that change their input least on rows of this data (Block Influence), none merged;
 # no phase 1 (neither the criterion nor a merge reads LoRA gradients); a quality guard measures how far
 # the pruned model moved from the dense one (KL) on 32 held-out rows.
 gradprune: true

@@ -25,7 +25,7 @@ def test_demo_end_to_end_and_again(tmp_path):
     # Defaults: 40% of the decoder-layer parameters -> 3 of the 8 layers (3.2 rounds to 3), none merged.
     assert report["num_layers_before"] == 8 and report["num_layers_after"] == 5
     assert report["decoder_params_removed_fraction"] == pytest.approx(3 / 8)
-    assert report["merged_layers"] == {} and report["config"]["score"] == "skip_loss"
+    assert report["merged_layers"] == {} and report["config"]["score"] == "block_influence"
     assert report["quality_guard"]["rows"] == 32
     assert AutoModelForCausalLM.from_pretrained(pruned).config.num_hidden_layers == 5
     assert (run / "checkpoint-150" / "adapter_model.safetensors").is_file()

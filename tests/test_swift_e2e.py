@@ -225,8 +225,9 @@ def test_auto_skip_loss_then_reprune_from_the_saved_phase_1(tiny, tmp_path, caps
     assert (state / "igia_state.json").is_file() and (state / "batches.safetensors").is_file()
     assert not list(state.glob("step-*.safetensors"))  # item 8: nothing merges, nothing reads the factors
 
-    tight = ["--gradprune_prune_layers", "4", "--gradprune_merge_layers", "0", "--gradprune_max_kl", "0"]
-    proc = check(swift(*common, *tight, cwd=tmp_path))  # the default, skip_loss
+    tight = ["--gradprune_prune_layers", "4", "--gradprune_merge_layers", "0", "--gradprune_max_kl", "0",
+             "--gradprune_score", "skip_loss"]  # fmt: skip
+    proc = check(swift(*common, *tight, cwd=tmp_path))
     second = run_dir(out)
     assert second != first and f"pruning from {state}" in proc.output
     criterion = report_of(out)["criterion"]
