@@ -2,8 +2,7 @@
 of the user's own training rows (DESIGN.md section 7). IGIA (the paper's criterion) lives in
 importance.py; these are its alternatives and the baselines it is measured against.
 
-A calibration batch is a dict with ``input_ids``, ``attention_mask`` and ``labels`` (-100 where a
-token is not scored, as swift's collator and the eval harness make them).
+Calibration batches are encoded rows as measures.py describes them; the losses and KL come from there.
 
 * ``greedy_order`` removes, round by round, the layer whose removal (on top of the earlier ones)
   damages the model least: by KL from the dense model's predictions over all real tokens
@@ -20,104 +19,17 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .architecture import decoder_layers, final_norm
-from .config import GradPruneConfigError
-from .damage import DenseTargets, Head, dense_targets, kl_sum
+from .damage import Head, kl_sum
+from .measures import Batch, NonFiniteError, final_hidden, loss_sum, reference_of
 from .surgery import layers_view
 
-Batch = dict[str, torch.Tensor]
 GREEDY_MEASURES = ("kl", "skip_loss")
-
-
-class NonFiniteError(GradPruneConfigError):
-    """A removal measure came out NaN or infinite (e.g. float16 overflow)."""
-
-
-def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The decoder stack (returns final hidden states) and the LM head of a causal LM (peft or not)."""
-    return model.get_decoder(), model.get_output_embeddings()
-
-
-def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's logits (float32) of final hidden states, soft-capped where the model caps them
-    (Gemma 2 does that in its ForCausalLM forward, outside the head)."""
-    logits = model.get_output_embeddings()(hidden).float()
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    cap = getattr(config, "final_logit_softcapping", None)
-    return cap * torch.tanh(logits / cap) if cap else logits
-
-
-def _loss_sum(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over the labelled tokens; the head runs on those rows only."""
-    targets = labels[:, 1:].to(hidden.device)
-    keep = targets != -100
-    logits = output_logits(model, hidden[:, :-1][keep])
-    return nn.functional.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
-
-
-def _final_hidden(model: nn.Module, batch: Batch) -> torch.Tensor:
-    device = model.get_output_embeddings().weight.device
-    return model.get_decoder()(
-        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
-    ).last_hidden_state
-
-
-def answer_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled tokens of one batch (differentiable)."""
-    total, count = _loss_sum(model, _final_hidden(model, batch), batch["labels"])
-    return total / max(count, 1)
-
-
-@torch.inference_mode()
-def mean_loss(model: nn.Module, batches: Iterable[Batch]) -> float:
-    """Token-weighted mean loss of ``model`` over the labelled tokens of ``batches``."""
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            value, n = _loss_sum(model, _final_hidden(model, batch), batch["labels"])
-            total, count = total + value.item(), count + n
-    finally:
-        model.train(was_training)
-    return total / max(count, 1)
-
-
-@torch.inference_mode()
-def reference_of(model: nn.Module, batches: Sequence[Batch]) -> list[DenseTargets]:
-    """The model's own predictions on ``batches``, as the KL measure compares against them."""
-    head = Head(model)
-    was_training = model.training
-    model.eval()
-    try:
-        targets = [dense_targets(head, _final_hidden(model, b), b["attention_mask"]) for b in batches]
-    finally:
-        model.train(was_training)
-    if not all(bool(t.finite()) for t in targets):
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        raise NonFiniteError(
-            f"the unpruned model's predictions on the calibration rows are NaN/inf in {dtype}: the model overflows "
-            f"in {dtype}; run the prune step in bfloat16 or float32 (a float16 checkpoint is loaded as float16)"
-        )
-    return targets
-
-
-@torch.inference_mode()
-def mean_kl(model: nn.Module, batches: Sequence[Batch], dense: Sequence[DenseTargets]) -> float:
-    """Mean KL(dense || model) per real token of ``batches`` (``dense`` from ``reference_of``)."""
-    head = Head(model)
-    was_training = model.training
-    model.eval()
-    try:
-        sums = [kl_sum(head, _final_hidden(model, b), d) for b, d in zip(batches, dense)]
-    finally:
-        model.train(was_training)
-    return sum(s for s, _ in sums) / max(sum(n for _, n in sums), 1)
 
 
 def _layer_inputs(model: nn.Module, batch: Batch, kept: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -138,7 +50,7 @@ def _layer_inputs(model: nn.Module, batch: Batch, kept: Sequence[int]) -> dict[i
     hooks.append(layers[kept[-1]].register_forward_hook(grab_out))
     try:
         with layers_view(model, kept):
-            _final_hidden(model, batch)
+            final_hidden(model, batch)
     finally:
         for hook in hooks:
             hook.remove()
@@ -161,7 +73,7 @@ def _run_from(model: nn.Module, batch: Batch, state: torch.Tensor, after: Sequen
     handle = target.register_forward_pre_hook(inject, with_kwargs=True)
     try:
         with layers_view(model, after):
-            return _final_hidden(model, batch)
+            return final_hidden(model, batch)
     finally:
         handle.remove()
 
@@ -211,7 +123,7 @@ def greedy_order(
                 for pos, j in enumerate(kept):
                     hidden = _run_from(model, batch, inputs[j], kept[pos + 1 :])
                     if reference is None:
-                        value, n = _loss_sum(model, hidden, batch["labels"])
+                        value, n = loss_sum(model, hidden, batch["labels"])
                         value = value.item()
                     else:
                         value, n = kl_sum(head, hidden, reference)
@@ -266,7 +178,7 @@ def block_influence(model: nn.Module, batches: Sequence[Batch]) -> list[float]:
     try:
         for batch in batches:
             real = batch["attention_mask"].bool()
-            _final_hidden(model, batch)
+            final_hidden(model, batch)
             tokens += int(real.sum())
     finally:
         for hook in hooks:

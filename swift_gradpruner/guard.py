@@ -22,8 +22,8 @@ from torch import nn
 
 from .architecture import decoder_layers
 from .config import GradPruneConfig, GradPruneConfigError
-from .criteria import Batch, mean_kl, mean_loss
 from .damage import DenseTargets
+from .measures import Batch, mean_kl, mean_loss
 from .merge import merge_removed_layers
 from .selection import LayerPlan
 from .surgery import layers_view

@@ -21,11 +21,12 @@ from .architecture import layers_prefix, parameter_counts
 from .bench.inference import REPORT_WORKLOADS, TransformersEngine, Workload, compare_inference
 from .config import IGIA_SCORES, GradPruneConfig
 from .coverage import check_igia_comparable
-from .criteria import Batch, mean_loss, reference_of, removed_layers
+from .criteria import removed_layers
 from .flops import matmul_weights
 from .guard import GuardError, GuardReport, kl_with_plan, largest_within, loss_with_plan
 from .importance import IGIAAccumulator, layer_scores
 from .layer_config import check_removal
+from .measures import Batch, mean_loss, reference_of
 from .merge import merge_priority, merge_removed_layers
 from .report import PLOT_NAME, REPORT_NAME, plot_layer_scores, write_json
 from .selection import LayerPlan, layers_to_remove, plan_layers, plan_removal

@@ -5,7 +5,7 @@ import torch
 
 import reference
 from conftest import random_lora_grads
-from swift_gradpruner import criteria
+from swift_gradpruner import criteria, measures
 from swift_gradpruner.config import REMOVAL_CRITERIA, GradPruneConfig
 from swift_gradpruner.importance import IGIAAccumulator
 from swift_gradpruner.prune import prune_model
@@ -33,14 +33,14 @@ def calibration(seed=0, rows=4, width=12):
 def test_mean_loss_equals_full_logits():
     model = model_factory()()
     batches = calibration()
-    assert criteria.mean_loss(model, batches) == pytest.approx(reference.answer_loss(model, batches), rel=1e-5)
+    assert measures.mean_loss(model, batches) == pytest.approx(reference.answer_loss(model, batches), rel=1e-5)
 
 
 def test_layers_view_equals_removal_and_restores():
     model = model_factory()()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with layers_view(model, [0, 2, 5]):
-        viewed = criteria.mean_loss(model, calibration())
+        viewed = measures.mean_loss(model, calibration())
         assert model.config.num_hidden_layers == 3
     assert model.config.num_hidden_layers == NUM_LAYERS and len(model.model.layers) == NUM_LAYERS
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -93,7 +93,7 @@ def test_kl_first_round_and_later_rounds_match_pruned_copies(arch):
     for dense in (factory(), build_model(arch, num_layers=2, vocab_size=16384, seed=1).eval()):
         with torch.no_grad():
             dense.lm_head.weight.mul_(50.0)  # confident, large logits
-        assert criteria.mean_kl(dense, batches, criteria.reference_of(dense, batches)) == pytest.approx(0, abs=1e-6)
+        assert measures.mean_kl(dense, batches, measures.reference_of(dense, batches)) == pytest.approx(0, abs=1e-6)
 
 
 def test_kl_of_a_soft_capped_head_matches_full_logits():
@@ -110,13 +110,13 @@ def test_kl_of_a_soft_capped_head_matches_full_logits():
         noisy.model.layers[1].mlp.down_proj.weight.mul_(30.0)
         noisy.model.norm.weight.fill_(20.0)  # logits far into the soft cap (the head stays the dense one)
     batches = calibration()
-    targets = criteria.reference_of(dense, batches)
+    targets = measures.reference_of(dense, batches)
     assert targets[0].logprobs is not None
     expected = reference.kl_to(dense, noisy, batches)
     assert expected > 1e-3
-    assert criteria.mean_kl(noisy, batches, targets) == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    assert measures.mean_kl(noisy, batches, targets) == pytest.approx(expected, rel=1e-3, abs=1e-6)
     # The answer loss of skip_loss and the guard is the model's own (soft-capped) loss too.
-    assert criteria.mean_loss(noisy, batches) == pytest.approx(reference.answer_loss(noisy, batches), rel=1e-5)
+    assert measures.mean_loss(noisy, batches) == pytest.approx(reference.answer_loss(noisy, batches), rel=1e-5)
 
 
 def test_greedy_search_never_chooses_a_nan_and_stops_when_all_are():
@@ -126,7 +126,7 @@ def test_greedy_search_never_chooses_a_nan_and_stops_when_all_are():
         model.model.layers[3].mlp.down_proj.weight.fill_(float("nan"))
     order = criteria.greedy_order(model, calibration(), 1, "skip_loss")
     assert order[0][0] == 3
-    with pytest.raises(criteria.NonFiniteError, match="float32"):
+    with pytest.raises(measures.NonFiniteError, match="float32"):
         criteria.greedy_order(model, calibration(), 1, "kl")  # the dense reference itself is NaN
 
 

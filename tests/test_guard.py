@@ -8,9 +8,9 @@ import torch
 import reference
 from conftest import random_lora_grads
 from swift_gradpruner.config import GradPruneConfig, GradPruneConfigError
-from swift_gradpruner.criteria import mean_kl, mean_loss, reference_of
 from swift_gradpruner.guard import GuardError, kl_with_plan, largest_within, loss_with_plan
 from swift_gradpruner.importance import IGIAAccumulator
+from swift_gradpruner.measures import mean_kl, mean_loss, reference_of
 from swift_gradpruner.merge import merge_removed_layers
 from swift_gradpruner.prune import prune_model
 from swift_gradpruner.selection import plan_layers

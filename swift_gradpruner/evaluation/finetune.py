@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..criteria import answer_loss
+from ..measures import answer_loss
 from .scoring import compute, encode_pair
 
 

@@ -27,8 +27,9 @@ import torch
 
 from .. import __version__
 from ..architecture import decoder_layers, parameter_counts
-from ..criteria import mean_kl, mean_loss, random_layers
+from ..criteria import random_layers
 from ..guard import GuardError
+from ..measures import mean_kl, mean_loss
 from ..surgery import remove_layers
 from .finetune import Recipe, lora_finetune
 from .methods import PRESETS, Method, parse_method

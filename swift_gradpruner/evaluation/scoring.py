@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..criteria import backbone_and_head
+from ..measures import backbone_and_head
 from .tasks import Item
 
 MAX_LENGTH = 2048

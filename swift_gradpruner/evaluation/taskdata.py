@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..criteria import reference_of
 from ..damage import DenseTargets
 from ..importance import IGIAAccumulator
+from ..measures import reference_of
 from .finetune import Recipe, batches, collate, encode_examples, lora_finetune
 from .tasks import Item, load_task
 
