@@ -253,12 +253,12 @@ def test_preflight_knows_what_phase_1_lora_will_wrap(tmp_path):
     with pytest.raises(GradPruneConfigError, match="ParamWrapper refuses dropout .* pass --lora_dropout 0"):
         preflight(parse_sft_args([*argv, "--tuner_type", "lora"]), free)
     lora = parse_sft_args([*argv, "--tuner_type", "lora", "--lora_dropout", "0"])
-    assert preflight(lora, free) is True
+    assert preflight(lora, free).wraps_parameters is True
     with pytest.raises(GradPruneConfigError, match=r"ranks layers by their IGIA sums .*\(layer 0: mlp.gate_proj"):
         preflight(lora, GradPruneConfig(prune_layers=1, score="squared"))
     full_argv = [*argv, "--tuner_type", "full"]
     full = parse_sft_args(full_argv)
-    assert preflight(full, free) is True
+    assert preflight(full, free).wraps_parameters is True
     phase1 = phase1_argv(full_argv, full, free, tmp_path / "phase1", zero_dropout=True)
     assert phase1[phase1.index("--lora_dropout") + 1] == "0"
 

@@ -43,7 +43,7 @@ def runs(tmp_path_factory):
                 "--dataloader_num_workers", "0", "--report_to", "none", "--check_model", "false", "--seed", "42",
                 "--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
                 "--output_dir", str(out), "--gradprune", "true", "--gradprune_prune_layers", "1",
-                "--gradprune_merge_layers", "0", "--gradprune_steps", "1", "--gradprune_benchmark", "false",
+                "--gradprune_merge_layers", "0", "--gradprune_benchmark", "false",
                 *(["--lora_dropout", "0"] if family.lora_dropout_zero else []),
                 cwd=work,
             ))  # fmt: skip
