@@ -35,6 +35,15 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def finish() -> None:
+    """End of the run: every rank waits for the others, then the process group is destroyed, so its
+    background threads stop before the interpreter exits (a two-rank gloo run whose rank 1 exited with a
+    live group once aborted in teardown: "terminate called without an active exception")."""
+    if is_distributed():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def broadcast_from_rank0(value: Any) -> Any:
     """Rank 0's ``value`` on every rank (a picklable object); also a barrier."""
     if not is_distributed() or torch.distributed.get_world_size() == 1:

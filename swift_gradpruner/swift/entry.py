@@ -41,7 +41,11 @@ def wrap_sft_main(stock_sft_main: Callable, argv: list[str], on_by_default: bool
                 if len(raw) > 1:
                     print(f"[GradPruner] --gradprune is off: ignoring {sorted(raw)}", file=sys.stderr)
                 return stock_sft_main(rest if args is None else args)
-            return gradprune_sft_main(rest if args is None else args, config)
+            result = gradprune_sft_main(rest if args is None else args, config)
+            from .distributed import finish
+
+            finish()  # the process ends here: its process group goes first
+            return result
         except GradPruneConfigError as error:
             raise SystemExit(f"[GradPruner] error: {error}") from None
 
