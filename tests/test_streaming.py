@@ -146,7 +146,8 @@ def test_streaming_peak_memory_is_about_one_layer(tmp_path):
     assert tensors_of(tmp_path / "stream").keys() == tensors_of(tmp_path / "memory").keys()
     assert grown["memory"] > 5 * layer_bytes, grown
     assert grown["stream"] < 3 * layer_bytes, (grown, layer_bytes)
-    print(f"peak growth: in memory {grown['memory'] / layer_bytes:.2f} layers, streaming {grown['stream'] / layer_bytes:.2f}")
+    memory, stream = grown["memory"] / layer_bytes, grown["stream"] / layer_bytes
+    print(f"peak growth: in memory {memory:.2f} layers, streaming {stream:.2f}")
 
 
 def test_prune_checkpoint_streams_when_nothing_needs_the_model_loaded(tmp_path):
