@@ -101,7 +101,7 @@ class GradPruneConfig:
         "Largest damage the quality guard accepts: the mean KL divergence (nats per token) of the pruned "
         "model's next-token predictions from the dense model's over every token of the held-out rows; above "
         "it the run warns and names a smaller N that stays within it (and prune_layers=auto stays within "
-        "it). Set on val cells against the accuracy lost after fine-tuning: every cell measured at 0.75 or "
+        "it). Set on val cells against the accuracy lost after fine-tuning: every cell measured at 0.7 or "
         "more lost 2.6 points or more (README 'Accuracy').",
         0.5,
     )
