@@ -8,7 +8,8 @@ scored, as swift's collator and the eval harness make them).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -17,6 +18,17 @@ from .config import GradPruneConfigError
 from .damage import DenseTargets, Head, dense_targets, kl_sum
 
 Batch = dict[str, torch.Tensor]
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block, back in its own mode after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 class NonFiniteError(GradPruneConfigError):
@@ -63,14 +75,10 @@ def answer_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 def mean_loss(model: nn.Module, batches: Iterable[Batch]) -> float:
     """Token-weighted mean loss of ``model`` over the labelled tokens of ``batches``."""
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for batch in batches:
             value, n = loss_sum(model, final_hidden(model, batch), batch["labels"])
             total, count = total + value.item(), count + n
-    finally:
-        model.train(was_training)
     return total / max(count, 1)
 
 
@@ -78,12 +86,8 @@ def mean_loss(model: nn.Module, batches: Iterable[Batch]) -> float:
 def reference_of(model: nn.Module, batches: Sequence[Batch]) -> list[DenseTargets]:
     """The model's own predictions on ``batches``, as the KL measure compares against them."""
     head = Head(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         targets = [dense_targets(head, final_hidden(model, b), b["attention_mask"]) for b in batches]
-    finally:
-        model.train(was_training)
     if not all(bool(t.finite()) for t in targets):
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         raise NonFiniteError(
@@ -97,10 +101,6 @@ def reference_of(model: nn.Module, batches: Sequence[Batch]) -> list[DenseTarget
 def mean_kl(model: nn.Module, batches: Sequence[Batch], dense: Sequence[DenseTargets]) -> float:
     """Mean KL(dense || model) per real token of ``batches`` (``dense`` from ``reference_of``)."""
     head = Head(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         sums = [kl_sum(head, final_hidden(model, b), d) for b, d in zip(batches, dense)]
-    finally:
-        model.train(was_training)
     return sum(s for s, _ in sums) / max(sum(n for _, n in sums), 1)
