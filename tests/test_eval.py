@@ -135,6 +135,7 @@ def test_eval_smoke_run_resumes(tiny_dir, tmp_path, monkeypatch):
     paths = write_outputs(cells, out, "val")
     assert {p.name for p in paths} == {"results.json", "results.md", "accuracy_vs_layers.png", "recovery.png"}
     assert "| igia:steps=2 | 2 |" in (out / "results.md").read_text()
+    assert "## Quality guard: KL before recovery" in (out / "results.md").read_text()
     assert len(json.loads((out / "results.json").read_text())["cells"]) == 8
 
     # A second run finds every cell finished; a changed setting redoes the cells.

@@ -103,7 +103,11 @@ def markdown(cells: Sequence[dict[str, Any]], split: str) -> str:
         before = sum(p[0] for p in pairs) / len(pairs)
         after = sum(p[1] for p in pairs) / len(pairs)
         lines.append(f"| {method} | {budget} | {before:.3f} | {after:.3f} |".replace("nan", "-"))
-    lines += ["", "## Layers removed", "", "| task | method | removed | merged (layer -> into) |", "|---|---|---|---|"]
+    from ..config import GradPruneConfig
+    from .guard_calibration import markdown as guard_markdown
+
+    lines += ["", *guard_markdown(cells, GradPruneConfig().max_kl)]
+    lines += ["## Layers removed", "", "| task | method | removed | merged (layer -> into) |", "|---|---|---|---|"]
     for cell in cells:
         if cell["budget"]:
             merged = ", ".join(f"{k}->{v}" for k, v in cell.get("merged", {}).items()) or "-"
