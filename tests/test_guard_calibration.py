@@ -73,6 +73,8 @@ def test_points_misses_false_alarms_and_the_separating_range():
     assert gc.separating_range(gc.guard_points(worse)) is None
     assert "No threshold separates" in "\n".join(gc.markdown(worse, 0.5))
     assert gc.markdown([c for c in cells if c["method"] == "dense"], 0.5) == []
+    only_damaged = [c for c in cells if c["task"] != "a" or c["method"] == "dense" or len(c["removed"]) == 3]
+    assert "No model lost at most 2 points, so these cells cannot place" in "\n".join(gc.markdown(only_damaged, 0.5))
 
 
 def test_every_threshold_in_the_range_separates_and_none_outside():

@@ -100,6 +100,15 @@ def separating_range(points: Sequence[GuardPoint]) -> tuple[float, float] | None
     return max(healthy), min(damaged)
 
 
+def _verdict(found: tuple[float, float] | None, damaged: int, healthy: int) -> str:
+    if not damaged or not healthy:
+        missing = f"more than {DAMAGED:g}" if not damaged else f"at most {HEALTHY:g}"
+        return f"No model lost {missing} points, so these cells cannot place the threshold."
+    if found is None:
+        return "No threshold separates the two here."
+    return f"Every threshold in [{found[0]:.3f}, {found[1]:.3f}) separates the two here."
+
+
 def markdown(cells: Sequence[dict[str, Any]], threshold: float) -> list[str]:
     """The results.md section: every point, the rank correlation, and what ``threshold`` would do."""
     points = guard_points(cells)
@@ -115,8 +124,7 @@ def markdown(cells: Sequence[dict[str, Any]], threshold: float) -> list[str]:
         f"{spearman([p.kl for p in points], [p.drop for p in points]):.3f}. "
         f"At max_kl {threshold:g}: {len(misses)} of {damaged} models that lost more than {DAMAGED:g} points "
         f"passed quietly; {len(alarms)} of {healthy} that lost at most {HEALTHY:g} were warned on. "
-        + (f"Every threshold in [{found[0]:.3f}, {found[1]:.3f}) separates the two here."
-           if found else "No threshold separates the two here."),
+        + _verdict(found, damaged, healthy),
         "", "| task | method | removed | KL (nats/token) | drop (points) | at max_kl |", "|---|---|---|---|---|---|",
     ]  # fmt: skip
     for p in points:
