@@ -99,6 +99,7 @@ def _run_prune(args) -> int:
     from .swift.args import parse_gradprune
     from .swift.holdout import BATCHES_FILE, load_batches
     from .swift.reuse import PHASE1_FILE, state_contents
+    from .swift.rows import REPORTED
 
     state = Path(args.state)
     try:
@@ -126,7 +127,7 @@ def _run_prune(args) -> int:
     except (GradPruneConfigError, FileExistsError, FileNotFoundError, ValueError) as error:
         print(f"gradprune prune: error: {error}", file=sys.stderr)
         return 2
-    extra = {key: info.get(key) for key in ("phase1", "source_model", "model_fingerprint", "swift_settings")}
+    extra = {key: info.get(key) for key in REPORTED}
     extra.update(phase1_key=info["phase1_key"], phase1_state=str(state))
     swift_args = {"model": str(Path(args.out)), **info["swift_args"], "task_type": "causal_lm", "tuner_type": "full"}
     result = prune_checkpoint(model, accumulator, config, args.out, extra, swift_args, guard=batches["guard"] or None,

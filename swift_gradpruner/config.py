@@ -50,10 +50,12 @@ class GradPruneConfig:
         None,
     )
     prune_ratio: float | None = _help(
-        "Fraction of the decoder-layer parameters to remove by deleting whole layers (the layer count "
-        "that comes closest; embeddings and LM head are not counted, as in the paper). Used when "
-        f"prune_layers is unset or auto (then as its ceiling); default {DEFAULT_PRUNE_RATIO}: the paper's "
-        "'40%', 13 of Llama-3.1-8B's 32 layers, 12 of SmolLM2's 30.",
+        "Fraction of the decoder layers to remove: ratio x the number of decoder layers, rounded to the "
+        "nearest count (ties: fewer). Where every layer has the same size (dense models) that is the same "
+        "fraction of the decoder-layer parameters, as the paper counts its '40%' (13 of Llama-3.1-8B's 32 "
+        "layers; 12 of SmolLM2's 30); where sizes differ (MoE models with dense first layers) it counts "
+        "layers, not parameters. Used when prune_layers is unset or auto (then as its ceiling); default "
+        f"{DEFAULT_PRUNE_RATIO}.",
         None,
     )
     merge_layers: int | None = _help(
@@ -228,6 +230,22 @@ class GradPruneConfig:
                 "LoRA gradients are zero) and phase 2 at least 1: raise --max_steps or --num_train_epochs"
             )
         return steps
+
+    def unused_options(self) -> list[str]:
+        """One line per option that was set and does nothing in this configuration: the phase-1 options
+        when nothing reads phase 1's gradients (so phase 1 does not run)."""
+        if self.needs_gradients:
+            return []
+        defaults = {f.name: f.default for f in fields(self)}
+        set_here = [name for name in ("steps", "step_ratio", "lora_rank", "lora_alpha", "keep_state")
+                    if getattr(self, name) != defaults[name]]  # fmt: skip
+        return [
+            f"--gradprune_{name} {str(getattr(self, name)).lower()} does nothing in this run: it shapes phase 1 "
+            f"(the LoRA probe whose gradients an IGIA score or a merge reads), and with --gradprune_score {self.score} "
+            "and no merged layer there is no phase 1; use --gradprune_score squared or --gradprune_merge_layers N "
+            "to run it, or drop the flag"
+            for name in set_here
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

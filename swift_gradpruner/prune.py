@@ -103,7 +103,7 @@ def prune_model(
         return plans[count][0]
 
     with stage(f"choosing the layers to remove ({config.score}" + (", quality guard" if guard else "") + ")", "choice"):
-        remove, guard_report = _layer_count(model, config, per_layer, total_before, plan_for, igia, guard)
+        remove, guard_report = _layer_count(model, config, per_layer, plan_for, igia, guard)
         plan = plan_for(remove)
     criterion = plans[remove][1]
     check_removal(model.config, plan.kept)  # a removal the config cannot express fails before any weight changes
@@ -193,7 +193,7 @@ def _stages(log: Callable[[str], None] | None, seconds: dict[str, float] | None 
     return stage
 
 
-def _layer_count(model, config, per_layer, total, plan_for, igia, guard) -> tuple[int, GuardReport | None]:
+def _layer_count(model, config, per_layer, plan_for, igia, guard) -> tuple[int, GuardReport | None]:
     """N (fixed, or 'auto': the largest within the guard's threshold) and the guard's measurements."""
     if config.prune_layers == "auto":
         if not guard:
@@ -202,9 +202,9 @@ def _layer_count(model, config, per_layer, total, plan_for, igia, guard) -> tupl
                 "is smaller than 4 x --gradprune_guard_rows, streaming, or no row could be encoded); set "
                 "--gradprune_prune_layers to a number"
             )
-        ceiling = layers_to_remove(replace(config, prune_layers=None, merge_layers=0), per_layer, total)
+        ceiling = layers_to_remove(replace(config, prune_layers=None, merge_layers=0), len(per_layer))
     else:
-        ceiling = layers_to_remove(config, per_layer, total)
+        ceiling = layers_to_remove(config, len(per_layer))
     if not guard:
         return ceiling, None
     dense = reference_of(model, guard)

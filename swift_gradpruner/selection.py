@@ -31,14 +31,15 @@ class LayerPlan:
         return tuple(j for j in range(self.num_layers) if j not in removed)
 
 
-def layers_to_remove(config: GradPruneConfig, layer_params: Sequence[int], total_params: int) -> int:
+def layers_to_remove(config: GradPruneConfig, num_layers: int) -> int:
     """Number N of layers to remove, from ``prune_layers`` or ``prune_ratio`` (checked against the model).
 
-    With a ratio, N is the layer count whose removal comes closest to ``prune_ratio`` of the decoder-layer
-    parameters (ties: fewer layers), as the paper counts its 40%: 13 of Llama-3.1-8B's 32 layers.
+    With a ratio, N = ratio x num_layers rounded to the nearest count (ties: fewer layers): for layers of
+    one size the same share of the decoder-layer parameters, as the paper counts its 40% (13 of
+    Llama-3.1-8B's 32 layers); a model with layers of different sizes (MoE with dense first layers) has
+    its layers counted, not its parameters.
     Raises GradPruneConfigError before any expensive work when N or merge_layers cannot fit.
     """
-    num_layers = len(layer_params)
     if config.prune_layers is not None:
         count = config.prune_layers
         if count >= num_layers:
@@ -48,14 +49,12 @@ def layers_to_remove(config: GradPruneConfig, layer_params: Sequence[int], total
             )
     else:
         ratio = config.prune_ratio if config.prune_ratio is not None else DEFAULT_PRUNE_RATIO
-        # The paper's "40% of parameters" is 13 of Llama-3.1-8B's 32 layers: a share of the decoder-layer
-        # parameters (what layer pruning can remove), not of embeddings and LM head too.
         exact = ratio * num_layers
         count = math.floor(exact) if exact - math.floor(exact) <= 0.5 else math.ceil(exact)
         if count < 1:
             raise GradPruneConfigError(
                 f"gradprune prune_ratio={ratio} is invalid for this model: one of its {num_layers} decoder layers "
-                f"is {1 / num_layers:.1%} of the decoder-layer parameters, so the ratio removes no layer; "
+                f"is {1 / num_layers:.1%} of them, so the ratio removes no layer; "
                 "raise prune_ratio or set prune_layers"
             )
         if count >= num_layers:

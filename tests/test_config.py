@@ -85,3 +85,13 @@ def test_round_trip_and_unknown_keys():
     assert GradPruneConfig.from_dict(c.to_dict()) == c
     with pytest.raises(GradPruneConfigError, match=r"unknown GradPruner option\(s\) \['prune_layer'\]"):
         GradPruneConfig.from_dict({"prune_layer": 3})
+
+
+def test_phase1_options_without_phase1_say_they_do_nothing():
+    """Issue 24 item 5: --gradprune_steps / keep_state with a criterion that reads no gradients."""
+    lines = GradPruneConfig(steps=20, keep_state=True).unused_options()
+    assert [line.split(" does nothing")[0] for line in lines] == ["--gradprune_steps 20", "--gradprune_keep_state true"]
+    assert all("--gradprune_score block_influence" in line and "\n" not in line for line in lines)
+    assert GradPruneConfig(steps=20, keep_state=True, score="squared").unused_options() == []
+    assert GradPruneConfig(steps=20, merge_layers=1).unused_options() == []  # a merge reads phase 1
+    assert GradPruneConfig().unused_options() == []

@@ -35,12 +35,10 @@ RANK_SCRIPT = textwrap.dedent(
         reuse.find_state = lambda *a: Path(out) / "gradprune" / "state"
 
     def arguments(batch):
-        args = SimpleNamespace(**dict.fromkeys(keys.HASHED_ARGS))
-        args.__dict__.update(model=model, model_dir=model, dataset=[data], val_dataset=[], output_dir=out,
+        return SimpleNamespace(model=model, model_dir=model, dataset=[data], val_dataset=[], output_dir=out,
                              add_version=False, resume_from_checkpoint=None, max_steps=6, init_weights=True,
                              per_device_train_batch_size=batch, streaming=False, num_train_epochs=1,
                              training_args=SimpleNamespace(gradient_accumulation_steps=1))
-        return args
 
     config = GradPruneConfig(prune_layers=2, score="squared")
     facts = ModelFacts(layers=6, remove=2, kept_compute=0.7)

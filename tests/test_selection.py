@@ -43,23 +43,21 @@ def test_non_finite_scores_are_rejected():
 
 def test_count_from_prune_layers_and_from_ratio():
     layer = [100] * 8
-    total = 1000  # 200 in embeddings
-    assert layers_to_remove(GradPruneConfig(prune_layers=3, merge_layers=1), layer, total) == 3
-    # Of the 800 decoder-layer parameters: 0.4 -> 3.2 -> 3 layers; 0.4375 -> 3.5 -> tie -> 3 (fewer); 0.45 -> 4.
-    assert layers_to_remove(GradPruneConfig(prune_ratio=0.4, merge_layers=1), layer, total) == 3
-    assert layers_to_remove(GradPruneConfig(prune_ratio=0.4375, merge_layers=1), layer, total) == 3
-    assert layers_to_remove(GradPruneConfig(prune_ratio=0.45, merge_layers=1), layer, total) == 4
-    # Default: 40% of the decoder-layer parameters.
-    assert layers_to_remove(GradPruneConfig(merge_layers=1), layer, total) == 3
+    assert layers_to_remove(GradPruneConfig(prune_layers=3, merge_layers=1), len(layer)) == 3
+    # Of the 8 layers: 0.4 -> 3.2 -> 3 layers; 0.4375 -> 3.5 -> tie -> 3 (fewer); 0.45 -> 4.
+    assert layers_to_remove(GradPruneConfig(prune_ratio=0.4, merge_layers=1), len(layer)) == 3
+    assert layers_to_remove(GradPruneConfig(prune_ratio=0.4375, merge_layers=1), len(layer)) == 3
+    assert layers_to_remove(GradPruneConfig(prune_ratio=0.45, merge_layers=1), len(layer)) == 4
+    # Default: 40% of the decoder layers.
+    assert layers_to_remove(GradPruneConfig(merge_layers=1), len(layer)) == 3
 
 
 def test_paper_setting_on_llama_3_1_8b_shapes():
     # Llama-3.1-8B: 32 layers of 218,112,000 parameters, 2 x 525,336,576 in embeddings + lm_head,
     # 262,144 in the final norm... 13 layers is 35% of all parameters, 40.6% of the layers': the paper's "40%".
     layer = [218_112_000] * 32
-    total = 8_030_261_248
-    assert layers_to_remove(GradPruneConfig(prune_layers=13), layer, total) == 13
-    assert layers_to_remove(GradPruneConfig(prune_ratio=0.4), layer, total) == 13
+    assert layers_to_remove(GradPruneConfig(prune_layers=13), len(layer)) == 13
+    assert layers_to_remove(GradPruneConfig(prune_ratio=0.4), len(layer)) == 13
 
 
 @pytest.mark.parametrize(
@@ -73,7 +71,7 @@ def test_paper_setting_on_llama_3_1_8b_shapes():
 )
 def test_model_dependent_errors(config, match):
     with pytest.raises(GradPruneConfigError, match=match):
-        layers_to_remove(GradPruneConfig(**config), [100] * 8, 1000)
+        layers_to_remove(GradPruneConfig(**config), 8)
 
 
 # (hidden, intermediate, layers, heads, kv heads, vocab, tied): the released configs' shapes.
@@ -99,7 +97,7 @@ def test_prune_ratio_is_a_share_of_the_decoder_layer_parameters(name):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     per_layer, total = parameter_counts(model)
-    count = layers_to_remove(GradPruneConfig(prune_ratio=0.4), per_layer, total)
+    count = layers_to_remove(GradPruneConfig(prune_ratio=0.4), len(per_layer))
     assert count == expected  # the paper: 13 of Llama-3.1-8B's 32 layers is its "40%"
     share = count * per_layer[0] / sum(per_layer)
     assert abs(share - 0.4) <= 0.5 / layers + 1e-9

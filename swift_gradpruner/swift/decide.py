@@ -10,14 +10,15 @@ if any rank differs, every rank stops with one line naming the rank and the sett
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import ADVISED_STEPS, FEWEST_STEPS, GradPruneConfig, GradPruneConfigError
 from ..payoff import estimate
 from . import keys, reuse
-from .distributed import is_distributed
+from .distributed import alone, is_distributed, one_line
 from .holdout import BATCHES_FILE, load_batches
 from .preflight import ModelFacts, estimate_total_steps, training_rows, world_size
 
@@ -38,6 +39,8 @@ class Decision:
     """REUSE: the earlier model, linked into ``pruned_dir`` when it lives elsewhere."""
     state_dir: str | None = None
     """PRUNE: the saved state to prune from; PHASE1 / DATA: where the new state goes."""
+    material: dict[str, Any] = field(default_factory=dict)
+    """What the phase-1 key hashed on rank 0 (``keys.key_material``), for the new state's phase1.json."""
 
 
 def decide(args, config: GradPruneConfig, facts: ModelFacts) -> Decision:
@@ -46,16 +49,19 @@ def decide(args, config: GradPruneConfig, facts: ModelFacts) -> Decision:
     import torch.distributed as dist
 
     rank = dist.get_rank() if is_distributed() else 0
-    material = keys.key_material(args, config, data=rank == 0)
+    material = keys.key_material(args, config, data=False)
     outcome: Decision | str | None = None
+    failure: BaseException | None = None
     if rank == 0:
         try:
-            outcome = _decide(args, config, material)
-            _check_plan(args, config, facts, outcome)
-        except GradPruneConfigError as error:
-            outcome = str(error)
+            material["data"] = keys.dataset_digests(args)
+            with alone():  # the data may be loaded here, by rank 0 alone
+                outcome = _decide(args, config, material)
+                _check_plan(args, config, facts, outcome)
+        except Exception as error:  # every failure reaches every rank as one line
+            failure, outcome = error, one_line(error, "deciding what this run does")
     if not is_distributed() or dist.get_world_size() == 1:
-        return _result(outcome)
+        return _result(outcome, failure)
     shared = [outcome, {k: v for k, v in material.items() if k != "data"}]
     dist.broadcast_object_list(shared, src=0)
     outcome, reference = shared
@@ -73,12 +79,14 @@ def decide(args, config: GradPruneConfig, facts: ModelFacts) -> Decision:
             + (f" ({more} more difference(s))" if more else "")
             + "; give every rank the same arguments, model files and package versions"
         )
-    return _result(outcome)
+    return _result(outcome, failure)
 
 
-def _result(outcome: Decision | str | None) -> Decision:
+def _result(outcome: Decision | str | None, failure: BaseException | None = None) -> Decision:
+    if failure is not None and os.environ.get("GRADPRUNE_DEBUG"):
+        raise failure
     if isinstance(outcome, str):
-        raise GradPruneConfigError(outcome)
+        raise GradPruneConfigError(outcome) from failure
     assert outcome is not None
     return outcome
 
@@ -88,7 +96,7 @@ def _decide(args, config: GradPruneConfig, material: dict[str, Any]) -> Decision
     key = keys.prune_key(first, config)
     here = Path(args.output_dir) / reuse.GRADPRUNE_DIR
     if args.resume_from_checkpoint:
-        source = reuse.pruned_model_of_checkpoint(args.resume_from_checkpoint, key)
+        source = reuse.pruned_model_of_checkpoint(args.resume_from_checkpoint, key, material, config, _log_info)
     else:
         source = reuse.find_pruned_model(args, key)
     if source is not None:
@@ -99,7 +107,13 @@ def _decide(args, config: GradPruneConfig, material: dict[str, Any]) -> Decision
     if state is not None:
         return Decision(PRUNE, first, key, str(pruned), state_dir=str(state))
     action = PHASE1 if config.needs_gradients else DATA
-    return Decision(action, first, key, str(pruned), state_dir=str(here / reuse.STATE_DIR))
+    return Decision(action, first, key, str(pruned), state_dir=str(here / reuse.STATE_DIR), material=material)
+
+
+def _log_info(line: str) -> None:
+    from swift.utils import get_logger
+
+    get_logger().info(line)
 
 
 def _check_plan(args, config: GradPruneConfig, facts: ModelFacts, decision: Decision) -> None:

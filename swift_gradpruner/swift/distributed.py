@@ -12,7 +12,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,22 +54,52 @@ def broadcast_from_rank0(value: Any) -> Any:
     return box[0]
 
 
-def on_rank0(work: Callable[[], T]) -> T | None:
-    """Run ``work`` on rank 0 while the other ranks wait; if it fails, every rank stops: rank 0 with its
-    own error, the others with one line naming it (rather than waiting forever for a rank that died)."""
+def on_rank0(work: Callable[[], T], what: str = "rank 0's step") -> T | None:
+    """Run ``work`` on rank 0 while the other ranks wait; if it fails, every rank stops with the same
+    one-line GradPruneConfigError (``one_line``, ``what`` naming the step) rather than waiting forever
+    for a rank that died.
+
+    ``work`` runs ``alone()``: swift's own barriers (dataset loading, preprocessing) are off inside it,
+    since the other ranks are not there to meet them. With GRADPRUNE_DEBUG set rank 0 re-raises the
+    original exception (its traceback) instead of the one line."""
     rank = torch.distributed.get_rank() if is_distributed() else 0
     result, failure = None, None
     if rank == 0:
         try:
-            result = work()
+            with alone():
+                result = work()
         except BaseException as error:  # noqa: BLE001 - re-raised below, after the other ranks learn of it
             failure = error
-    message = broadcast_from_rank0(None if failure is None else f"{type(failure).__name__}: {failure}"[:500])
-    if failure is not None:
+    message = broadcast_from_rank0(None if failure is None else one_line(failure, what))
+    if message is None:
+        return result
+    if failure is not None and (isinstance(failure, GradPruneConfigError) or os.environ.get("GRADPRUNE_DEBUG")):
         raise failure
-    if message is not None:
-        raise GradPruneConfigError(f"rank 0 failed, so this rank stops too: {message}")
-    return result
+    raise GradPruneConfigError(message) from failure
+
+
+def one_line(error: BaseException, what: str) -> str:
+    """``error`` as the line every rank stops with: a GradPruneConfigError's own text, else which step
+    failed (``what``) with the error's type and last line."""
+    if isinstance(error, GradPruneConfigError):
+        return str(error)
+    last = (str(error).strip().splitlines() or [""])[-1][:300]
+    return f"{what} failed: {type(error).__name__}: {last} (GRADPRUNE_DEBUG=1 shows the traceback)"
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Rank 0 working while the other ranks wait in a broadcast: swift's ``safe_ddp_context`` would
+    otherwise call ``dist.barrier()`` after loading or preprocessing a dataset, a barrier the waiting
+    ranks never reach (the run hangs). ms-swift's own switch turns those barriers off (file locks and
+    plain runs stay as they are)."""
+    try:
+        from swift.utils import disable_safe_ddp_context_use_barrier
+    except ImportError:  # the pure-torch parts of the package run without swift
+        yield
+        return
+    with disable_safe_ddp_context_use_barrier():
+        yield
 
 
 def check_shared_output_dir(output_dir: str | Path) -> None:

@@ -16,37 +16,65 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import GradPruneConfig
 
-HASHED_ARGS = (
-    "model", "model_revision", "model_type", "template", "system", "dataset", "val_dataset", "split_dataset_ratio",
-    "dataset_shuffle", "data_seed", "seed", "max_length", "truncation_strategy", "packing", "padding_free",
-    "streaming", "loss_scale", "per_device_train_batch_size", "learning_rate", "lr_scheduler_type",
-    "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps", "optim", "optimizer", "adam_beta1", "adam_beta2",
-    "adam_epsilon", "weight_decay", "num_train_epochs", "max_steps", "max_grad_norm", "tuner_type", "lora_rank",
-    "lora_alpha", "lora_dropout", "lora_dtype", "use_rslora", "init_weights", "target_modules", "target_regex",
-    "torch_dtype", "model_kwargs", "attn_impl", "quant_method", "quant_bits", "bnb_4bit_quant_type",
-    "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant", "deepspeed",
-)  # fmt: skip
-"""SftArguments that shape phase 1 (with the resolved gradient accumulation and the world size)."""
+NOT_HASHED = frozenset({
+    # where, how often and to whom the run logs, saves, evaluates and pushes (phase 1 saves nothing)
+    "output_dir", "logging_dir", "add_version", "create_checkpoint_symlink", "run_name", "project", "report_to",
+    "logging_strategy", "logging_steps", "logging_first_step", "log_on_each_node", "logging_nan_inf_filter",
+    "log_level", "log_level_replica", "disable_tqdm", "include_num_input_tokens_seen", "skip_memory_metrics",
+    "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id", "save_strategy", "save_steps",
+    "save_total_limit", "save_only_model", "save_on_each_node", "safe_serialization", "max_shard_size",
+    "enable_jit_checkpoint", "use_flash_ckpt", "push_to_hub", "hub_token", "hub_private_repo", "hub_model_id",
+    "hub_strategy", "hub_always_push", "hub_revision", "eval_strategy", "eval_steps", "eval_delay",
+    "per_device_eval_batch_size", "prediction_loss_only", "eval_on_start", "eval_do_concat_batches",
+    "eval_use_gather_object", "eval_accumulation_steps", "include_for_metrics", "batch_eval_metrics",
+    "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "eval_metric", "early_stop_interval",
+    "eval_use_evalscope", "eval_dataset", "eval_dataset_args", "eval_limit", "eval_generation_config",
+    "extra_eval_args", "predict_with_generate", "generation_max_length", "generation_num_beams",
+    "generation_config", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams",
+    "stream", "stop_words", "logprobs", "top_logprobs", "structured_outputs_regex", "acc_strategy", "do_train",
+    "do_eval", "do_predict", "sortish_sampler", "ds3_gather_for_generation", "val_dataset_shuffle",
+    "cached_val_dataset", "check_model",
+    # resuming phase 2 (checked on its own, reuse.pruned_model_of_checkpoint)
+    "resume_from_checkpoint", "resume_only_model", "ignore_data_skip", "restore_callback_states_from_checkpoint",
+    # this rank's placement and the host's worker counts: the same rows and gradients either way
+    "local_rank", "device_map", "max_memory", "ddp_timeout", "dataloader_num_workers", "dataloader_pin_memory",
+    "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_multiprocessing_context",
+    "dataset_num_proc", "packing_num_proc", "load_from_cache_file", "download_mode", "torch_empty_cache_steps",
+    "ignore_args_error", "use_ray", "ray_exp_name", "device_groups",
+    # secrets: never hashed into, nor written to, phase1.json and the report
+    "swanlab_token", "swanlab_secret", "swanlab_project", "swanlab_workspace", "swanlab_exp_name",
+    "swanlab_notification_method", "swanlab_webhook_url", "swanlab_sender_email", "swanlab_receiver_email",
+    "swanlab_smtp_server", "swanlab_smtp_port", "swanlab_email_language", "swanlab_mode",
+})  # fmt: skip
+"""SftArguments that cannot change phase 1 or the rows it holds out. Every other argument is hashed, so
+an argument a new ms-swift adds (or one that reshapes the rows: --response_prefix, --columns, ...) makes
+a fresh run by default."""
 PHASE1_OPTIONS = ("steps", "step_ratio", "lora_rank", "lora_alpha", "guard_rows", "calibration_rows")
 """GradPruner options that shape phase 1 or the rows it keeps aside; the others only shape pruning."""
 NOT_PRUNING = ("benchmark", "keep_state")
 """Options that measure or keep things but do not change the pruned model."""
-VERSIONED = ("torch", "transformers", "peft", "ms-swift", "deepspeed", "swift-gradpruner")
+OWN = "swift-gradpruner"
+VERSIONED = ("torch", "transformers", "peft", "ms-swift", "deepspeed", OWN)
 CONTENT_HASHED = ("config.json",)
 """Model files hashed by content (small, and what says which weights to expect), besides ``*.index.json``."""
+SECTIONS = ("gradprune", "swift", "model", "versions")
+"""The sections of the key material every rank computes (``data``: rank 0 alone)."""
 _HUB_SNAPSHOT = re.compile(r"/snapshots/([0-9a-f]{40})$")
 
 
 def phase1_settings(args) -> dict[str, str]:
-    """The swift settings that shape phase 1 (HASHED_ARGS, as the trainer resolved them)."""
+    """The swift settings that may shape phase 1 or its rows: every argument but NOT_HASHED, as the
+    trainer resolved them, with the gradient accumulation and the world size."""
     from .preflight import world_size
 
-    settings = {name: str(getattr(args, name, None)) for name in HASHED_ARGS}
+    names = [f.name for f in fields(args)] if is_dataclass(args) else [n for n in vars(args) if n != "training_args"]
+    settings = {name: str(getattr(args, name, None)) for name in sorted(names) if name not in NOT_HASHED}
     settings["gradient_accumulation_steps"] = str(args.training_args.gradient_accumulation_steps)
     settings["world_size"] = str(world_size())
     return settings
@@ -89,7 +117,11 @@ def key_material(args, config: GradPruneConfig, *, data: bool) -> dict[str, Any]
 
 
 def phase1_key(material: dict[str, Any]) -> str:
-    return digest(material)
+    """The hash of ``material``, with third-party packages by release line (``5.19``): a patch release
+    changes no key; this package's own version counts whole."""
+    versions = {name: value if name == OWN or value is None else ".".join(value.split(".")[:2])
+                for name, value in (material.get("versions") or {}).items()}  # fmt: skip
+    return digest({**material, "versions": versions})
 
 
 def prune_key(first: str, config: GradPruneConfig) -> str:
@@ -97,11 +129,13 @@ def prune_key(first: str, config: GradPruneConfig) -> str:
     return digest({"phase1": first, "gradprune": options})
 
 
-def differences(mine: dict[str, Any], reference: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(setting, my value, the reference's value) for every setting that differs, dataset digests and
-    model modification times left out (rank 0 alone reads the data; nodes may hold their own copies)."""
+def differences(mine: dict[str, Any], reference: dict[str, Any], sections: tuple[str, ...] = SECTIONS,
+                ) -> list[tuple[str, Any, Any]]:  # fmt: skip
+    """(setting, my value, the reference's value) for every setting that differs in ``sections``; model
+    files by size, not modification time (nodes may hold their own copies). Rank 0 alone reads the data,
+    so the ranks compare every section but ``data``."""
     out = []
-    for section in ("gradprune", "swift", "model", "versions"):
+    for section in sections:
         a, b = mine.get(section) or {}, reference.get(section) or {}
         if section == "model":
             a, b = portable(a), portable(b)

@@ -14,12 +14,13 @@ import gc
 import shutil
 import traceback
 import weakref
+from functools import partial
 from pathlib import Path
 
 from ..config import FEWEST_STEPS, GradPruneConfig, GradPruneConfigError
 from ..importance import IGIAAccumulator
 from .callback import IGIACaptureCallback
-from .distributed import barrier, broadcast_from_rank0
+from .distributed import broadcast_from_rank0, on_rank0
 from .phases import hand_back_cuda_memory, phase1_argv
 from .preflight import parse_sft_args, world_size
 from .rows import BUILDING_SUFFIX, encode_rows, split_off, state_info, write_state
@@ -28,7 +29,7 @@ PHASE1_DIR = "phase1"
 ERROR_LOG = "error.log"
 
 
-def run_phase1(argv: list[str], args, config: GradPruneConfig, key: str, state_dir: Path,
+def run_phase1(argv: list[str], args, config: GradPruneConfig, key: str, material: dict, state_dir: Path,
                zero_dropout: bool = False) -> None:  # fmt: skip
     """Phase 1 on every rank; rank 0 writes the state (the IGIA sums, the factors when a merge reads
     them, the held-out and calibration rows and the run's facts) to ``state_dir``, atomically.
@@ -50,25 +51,12 @@ def run_phase1(argv: list[str], args, config: GradPruneConfig, key: str, state_d
         f"[GradPruner] phase 1 done: LoRA gradients of {capture.captured} optimizer steps captured "
         f"(of the run's {capture.total_steps}); pruning on rank 0 (phase 1 saves no checkpoint by design)"
     )
-    problem = _degenerate(accumulator) if is_master() else None
-    problem = broadcast_from_rank0(problem)
+    problem = broadcast_from_rank0(on_rank0(partial(_degenerate, accumulator), "checking the captured gradients"))
     if problem:
         raise GradPruneConfigError(problem)
-    if is_master():
-        facts = {
-            "steps_planned": capture.steps, "steps_captured": capture.captured, "total_steps": capture.total_steps,
-            "lora_rank": phase1.args.lora_rank, "lora_alpha": phase1.args.lora_alpha,
-            "target_modules": phase1.args.target_modules, "learning_rate": phase1.args.learning_rate,
-            "deepspeed": bool(args.deepspeed), "world_size": world_size(), "output_dir": str(phase1_dir),
-        }  # fmt: skip
-        batches = {"guard": phase1.guard or [], "calibration": phase1.calibration or []}
-        write_state(state_dir, state_info(args, key, facts, igia=True), batches, accumulator)
-        disk = sum(p.stat().st_size for p in state_dir.iterdir() if p.is_file())
-        factors = "without gradient factors (no merge reads them)"
-        if keep:
-            factors = (f"with {accumulator.counts.used} steps of LoRA gradient factors (deleted after pruning "
-                       "unless --gradprune_keep_state true)")  # fmt: skip
-        logger.info(f"[GradPruner] phase-1 state saved in {state_dir}: {disk / 2**20:.1f} MiB on disk, {factors}")
+    save = partial(_save_state, args, key, material, state_dir, phase1, accumulator, keep)
+    on_rank0(save, "saving the phase-1 state")  # every rank waits until the state is complete
+    del save
     refs = phase1.training_objects
     del phase1, capture, accumulator
     gc.collect()
@@ -79,7 +67,28 @@ def run_phase1(argv: list[str], args, config: GradPruneConfig, key: str, state_d
                        "before phase 2")  # fmt: skip
     else:
         logger.info(f"[GradPruner] phase 1 released its {', '.join(refs)}{_cuda_memory()}")
-    barrier()  # the state is complete before any rank reads it
+
+
+def _save_state(args, key: str, material: dict, state_dir: Path, phase1, accumulator: IGIAAccumulator,
+                keep: bool) -> None:  # fmt: skip
+    """Rank 0: write the phase-1 state (IGIA sums, factors when kept, held-out rows, the run's facts)."""
+    from swift.utils import get_logger
+
+    capture, phase1_dir = phase1.capture, state_dir.parent / PHASE1_DIR
+    facts = {
+        "steps_planned": capture.steps, "steps_captured": capture.captured, "total_steps": capture.total_steps,
+        "lora_rank": phase1.args.lora_rank, "lora_alpha": phase1.args.lora_alpha,
+        "target_modules": phase1.args.target_modules, "learning_rate": phase1.args.learning_rate,
+        "deepspeed": bool(args.deepspeed), "world_size": world_size(), "output_dir": str(phase1_dir),
+    }  # fmt: skip
+    batches = {"guard": phase1.guard or [], "calibration": phase1.calibration or []}
+    write_state(state_dir, state_info(args, key, facts, material, igia=True), batches, accumulator)
+    disk = sum(p.stat().st_size for p in state_dir.iterdir() if p.is_file())
+    factors = "without gradient factors (no merge reads them)"
+    if keep:
+        factors = (f"with {accumulator.counts.used} steps of LoRA gradient factors (deleted after pruning "
+                   "unless --gradprune_keep_state true)")  # fmt: skip
+    get_logger().info(f"[GradPruner] phase-1 state saved in {state_dir}: {disk / 2**20:.1f} MiB on disk, {factors}")
 
 
 def _degenerate(accumulator: IGIAAccumulator) -> str | None:

@@ -17,6 +17,7 @@ from .distributed import on_rank0
 from .holdout import BATCHES_FILE, load_batches
 from .keys import swift_version
 from .reuse import PHASE1_FILE, state_contents
+from .rows import REPORTED
 
 
 def prune_from_state(args, config: GradPruneConfig, state_dir: Path, key: str, pruned_dir: Path, *,
@@ -38,7 +39,7 @@ def prune_from_state(args, config: GradPruneConfig, state_dir: Path, key: str, p
         start = time.perf_counter()
         info = json.loads((state_dir / PHASE1_FILE).read_text())
         contents = state_contents(state_dir)
-        extra = {key_: info.get(key_) for key_ in ("phase1", "source_model", "model_fingerprint", "swift_settings")}
+        extra = {key_: info.get(key_) for key_ in REPORTED}
         extra.update(config_hash=key, phase1_key=info["phase1_key"], phase1_state=str(state_dir))
         swift_args = {"swift_version": swift_version(), "model": str(pruned_dir), **info["swift_args"],
                       "task_type": "causal_lm", "tuner_type": "full"}  # fmt: skip
@@ -54,7 +55,7 @@ def prune_from_state(args, config: GradPruneConfig, state_dir: Path, key: str, p
                         "(--gradprune_keep_state true keeps them for re-pruning with merges)")  # fmt: skip
         return time.perf_counter() - start
 
-    seconds = on_rank0(prune) or 0.0
+    seconds = on_rank0(prune, "pruning") or 0.0
     logger.info(f"[GradPruner] pruned model saved: {pruned_dir}")
     return seconds
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,8 @@ def run(argv: list[str], config: GradPruneConfig) -> dict[str, Any]:
     logger = get_logger()
     check_argv_paths(argv)
     args = parse_sft_args(argv)
+    for line in config.unused_options():
+        logger.warning(f"[GradPruner] WARNING: {line}")
     try:
         facts = preflight(args, config)
         check_shared_output_dir(args.output_dir)
@@ -53,7 +56,7 @@ def run(argv: list[str], config: GradPruneConfig) -> dict[str, Any]:
         remove_empty_output_dirs(args)
         raise
     stages = {"start-up and checks": time.perf_counter() - start}
-    stale = on_rank0(lambda: remove_stale_temporaries(args.output_dir))
+    stale = on_rank0(lambda: remove_stale_temporaries(args.output_dir), "removing stale temporaries")
     if stale:
         logger.info(f"[GradPruner] removed what an interrupted run left half-written: {', '.join(stale)}")
     pruned_dir = Path(decision.pruned_dir)
@@ -88,7 +91,7 @@ def _prepare_model(argv: list[str], args, config: GradPruneConfig, decision: Dec
         if source == pruned_dir:
             logger.info(f"[GradPruner] reusing the pruned model of an earlier run with the same settings: {source}")
             return {}
-        how = on_rank0(lambda: link_model(source, pruned_dir))
+        how = on_rank0(lambda: link_model(source, pruned_dir), "linking the earlier pruned model")
         logger.info(f"[GradPruner] reusing the pruned model of an earlier run with the same settings: {source} "
                     f"({how} into {pruned_dir}: its checkpoints do not depend on the earlier folder)")  # fmt: skip
         return {}
@@ -96,21 +99,15 @@ def _prepare_model(argv: list[str], args, config: GradPruneConfig, decision: Dec
     stages: dict[str, float] = {}
     start = time.perf_counter()
     if decision.action == PHASE1:
-        _phase1_or_one_line(argv, args, config, decision.phase1_key, state, zero_dropout)
+        _phase1_or_one_line(argv, args, config, decision, zero_dropout)
         stages["phase 1"] = time.perf_counter() - start
     elif decision.action == DATA:
         try:
-            on_rank0(lambda: prepare_rows(args, config, decision.phase1_key, state))
-        except GradPruneConfigError:
-            raise
-        except Exception as error:
+            rows = partial(prepare_rows, args, config, decision.phase1_key, decision.material, state)
+            on_rank0(rows, "reading the training rows")
+        except BaseException:
             remove_empty_output_dirs(args)
-            if os.environ.get("GRADPRUNE_DEBUG"):
-                raise
-            raise GradPruneConfigError(
-                f"reading the training rows failed: {type(error).__name__}: {_last_line(error)} "
-                "(GRADPRUNE_DEBUG=1 shows the traceback)"
-            ) from error
+            raise
         stages["held-out rows"] = time.perf_counter() - start
     else:
         saved = "phase-1 state" if state_contents(state)["igia"] else "held-out rows (no phase 1 was needed)"
@@ -125,11 +122,12 @@ def _prepare_model(argv: list[str], args, config: GradPruneConfig, decision: Dec
     return stages
 
 
-def _phase1_or_one_line(argv: list[str], args, config: GradPruneConfig, key: str, state: Path,
+def _phase1_or_one_line(argv: list[str], args, config: GradPruneConfig, decision: Decision,
                         zero_dropout: bool) -> None:  # fmt: skip
     """Phase 1; a failure ends the run with one line naming the file that holds the full error."""
+    state = Path(decision.state_dir)
     try:
-        run_phase1(argv, args, config, key, state, zero_dropout=zero_dropout)
+        run_phase1(argv, args, config, decision.phase1_key, decision.material, state, zero_dropout=zero_dropout)
     except GradPruneConfigError:  # stopped on purpose (e.g. no usable gradient): nothing worth keeping
         discard_phase1(state)
         remove_empty_output_dirs(args)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..architecture import auto_class, check_supported, decoder_layers, layers_prefix, parameter_counts
+from ..architecture import auto_class, check_supported, decoder_layers, layers_prefix
 from ..config import IGIA_SCORES, GradPruneConfig, GradPruneConfigError
 from ..coverage import check_igia_comparable
 from ..selection import layers_to_remove
@@ -118,9 +118,9 @@ def preflight(args, config: GradPruneConfig) -> ModelFacts:
     model_config = AutoConfig.from_pretrained(args.model_dir)
     check_supported(model_config)
     meta = meta_model(model_config)
-    per_layer, total = parameter_counts(meta)
+    num_layers = len(decoder_layers(meta))
     auto = config.prune_layers == "auto"
-    remove = layers_to_remove(replace(config, prune_layers=None, merge_layers=0) if auto else config, per_layer, total)
+    remove = layers_to_remove(replace(config, prune_layers=None, merge_layers=0) if auto else config, num_layers)
     check_lora_targets(args, meta, every_layer=config.needs_gradients)
     names, wraps_parameters = phase1_lora(args, model_config)
     if wraps_parameters and args.tuner_type == "lora" and args.lora_dropout:
@@ -131,7 +131,7 @@ def preflight(args, config: GradPruneConfig) -> ModelFacts:
         )
     if config.score in IGIA_SCORES:
         check_igia_comparable(meta, names, config.score)
-    facts = ModelFacts(layers=len(per_layer), remove=remove, kept_compute=_kept_compute(meta, remove),
+    facts = ModelFacts(layers=num_layers, remove=remove, kept_compute=_kept_compute(meta, remove),
                        wraps_parameters=wraps_parameters)  # fmt: skip
     if config.needs_gradients and args.max_steps and args.max_steps > 0:
         config.phase1_steps(args.max_steps)

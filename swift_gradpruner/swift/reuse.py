@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..config import GradPruneConfig, GradPruneConfigError
 from ..importance import state_has_factors
 from ..report import read_report
 from ..surgery import atomic_dir
+from .keys import NOT_PRUNING, PHASE1_OPTIONS, SECTIONS, differences
 
 GRADPRUNE_DIR = "gradprune"
 MODEL_DIR = "model"
@@ -83,18 +86,55 @@ def new_model_dir(args, key: str) -> Path:
     return plain if not plain.exists() else folder / f"{MODEL_DIR}-{key}"
 
 
-def pruned_model_of_checkpoint(checkpoint: str, key: str) -> Path:
-    """The pruned model a phase-2 checkpoint was trained on; it must come from these same settings."""
+def pruned_model_of_checkpoint(checkpoint: str, key: str, material: dict[str, Any], config: GradPruneConfig,
+                               log: Callable[[str], None]) -> Path:  # fmt: skip
+    """The pruned model a phase-2 checkpoint was trained on; it must come from these same settings, data
+    and model. Package versions cannot change a model that is already on disk: when only they differ,
+    ``log`` says which and the run goes on."""
     args_file = Path(checkpoint) / "args.json"
     model = json.loads(args_file.read_text())["model"] if args_file.is_file() else None
     report = read_report(model) if model else None
-    if report is None or report.get("config_hash") != key:
+    made = made_with(report) if report else None
+    changed = [] if made is None else _changes(material, config, made, report)
+    versions_only = all(name.startswith("versions ") for name, _, _ in changed)
+    if report is None or (report.get("config_hash") != key and (made is None or not versions_only)):
+        what = (f"it was trained on {model}, which is not a GradPruner model made with the same swift and --gradprune "
+                "arguments") if not changed else "what made its pruned model differs: " + _listed(changed)  # fmt: skip
         raise GradPruneConfigError(
-            f"--resume_from_checkpoint {checkpoint} cannot be resumed with these settings: it was trained on "
-            f"{model}, which is not a GradPruner model made with the same swift and --gradprune arguments; "
-            "repeat the original command's arguments, or start again without --resume_from_checkpoint"
+            f"--resume_from_checkpoint {checkpoint} cannot be resumed with these settings: {what}; repeat the "
+            "original command's arguments, or start again without --resume_from_checkpoint"
         )
+    if changed:
+        log(f"[GradPruner] resuming {checkpoint} with other package versions than its pruned model was made with "
+            f"({_listed(changed)}): the pruned model on disk is the same, so the run goes on")  # fmt: skip
     return Path(model)
+
+
+def made_with(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The key material a pruned model's report records (None for reports of older versions)."""
+    if "versions" not in report or "config" not in report:
+        return None
+    options = report["config"]
+    return {"gradprune": {name: options.get(name) for name in PHASE1_OPTIONS}, "swift": report.get("swift_settings"),
+            "model": report.get("model_fingerprint"), "versions": report["versions"],
+            "data": report.get("data_digests")}  # fmt: skip
+
+
+def _changes(material: dict[str, Any], config: GradPruneConfig, made: dict[str, Any], report: dict[str, Any],
+             ) -> list[tuple[str, Any, Any]]:  # fmt: skip
+    """What differs between this run and the one that made a pruned model: settings, data, model files,
+    package versions, pruning options."""
+    out = differences(material, made, (*SECTIONS, "data"))
+    recorded = report.get("config", {})
+    for name, value in config.to_dict().items():
+        if name not in NOT_PRUNING and name not in PHASE1_OPTIONS and recorded.get(name) != value:
+            out.append((f"gradprune {name}", value, recorded.get(name)))
+    return out
+
+
+def _listed(changed: list[tuple[str, Any, Any]]) -> str:
+    shown = "; ".join(f"{name} {theirs!r} then, {mine!r} now" for name, mine, theirs in changed[:3])
+    return shown + (f" ({len(changed) - 3} more)" if len(changed) > 3 else "")
 
 
 def link_model(source: Path, target: Path) -> str:

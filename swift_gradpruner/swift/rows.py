@@ -19,7 +19,6 @@ from typing import Any
 from ..config import GradPruneConfig
 from ..importance import IGIAAccumulator, save_state
 from .holdout import BATCHES_FILE, encode_batches, first_rows, hold_out, save_batches
-from .keys import model_fingerprint, phase1_settings
 from .reuse import PHASE1_FILE
 
 BUILDING_SUFFIX = ".building"
@@ -59,20 +58,27 @@ def write_state(state_dir: Path, info: dict, batches: dict[str, list], accumulat
     building.rename(state_dir)
 
 
-def state_info(args, key: str, phase1: dict | None, *, igia: bool) -> dict:
-    """phase1.json: the key, what phase 1 did (None: it did not run), the source model and its fingerprint."""
+REPORTED = ("phase1", "source_model", "model_fingerprint", "swift_settings", "versions", "data_digests")
+"""What a state's phase1.json passes on to the pruned model's report (what it was made from)."""
+
+
+def state_info(args, key: str, phase1: dict | None, material: dict[str, Any], *, igia: bool) -> dict:
+    """phase1.json: the key and what it hashed (``keys.key_material``), what phase 1 did (None: it did
+    not run), the source model."""
     return {
         "phase1_key": key,
         "phase1": phase1,
         "contents": {"igia": igia},
         "source_model": args.model_dir,
-        "model_fingerprint": model_fingerprint(args.model_dir),
-        "swift_settings": phase1_settings(args),
+        "model_fingerprint": material["model"],
+        "swift_settings": material["swift"],
+        "versions": material["versions"],
+        "data_digests": material["data"],
         "swift_args": {"model_type": args.model_type, "template": args.template},
     }
 
 
-def prepare_rows(args, config: GradPruneConfig, key: str, state_dir: Path) -> float:
+def prepare_rows(args, config: GradPruneConfig, key: str, material: dict[str, Any], state_dir: Path) -> float:
     """Rank 0, without phase 1: load the data, hold out and encode the rows, save them as a state
     (no gradients). Returns the seconds it took."""
     from swift.utils import get_logger
@@ -84,7 +90,7 @@ def prepare_rows(args, config: GradPruneConfig, key: str, state_dir: Path) -> fl
     train, _ = pipeline._get_dataset()  # the user's own arguments: the user's split ratio
     train, held_out = split_off(train, config, args.data_seed, logger.warning)
     batches = encode_rows(pipeline.template, train, held_out, config, args.per_device_train_batch_size, args.data_seed)
-    write_state(state_dir, state_info(args, key, None, igia=False), batches, None)
+    write_state(state_dir, state_info(args, key, None, material, igia=False), batches, None)
     seconds = time.perf_counter() - start
     logger.info(f"[GradPruner] {len(batches['guard'])} guard and {len(batches['calibration'])} calibration batches "
                 f"ready in {seconds:.1f} s (saved in {state_dir})")  # fmt: skip
