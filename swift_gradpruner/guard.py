@@ -5,7 +5,7 @@ dense model's on a few held-out rows of the user's own training data that phase 
 on: the mean KL(dense || pruned) over every real token (damage.py), in nats per token. It is 0 for
 an unchanged model and grows with any change, so a pruned model that got less confident cannot
 pass for a better one (the answer loss it replaces fell on such models while their accuracy fell;
-README "Accuracy"). Above ``max_kl`` the run warns and names the largest smaller count of removed
+docs/accuracy.md). Above ``max_kl`` the run warns and names the largest smaller count of removed
 layers that stays within it; ``prune_layers="auto"`` chooses that count by itself.
 
 Candidate plans are measured without copying the model: the merge is applied to the few target

@@ -7,7 +7,7 @@ def test_defaults_are_the_papers():
     c = GradPruneConfig()
     assert (c.topp, c.merge_mode, c.step_ratio) == (0.2, "add", 0.01)
     assert (c.lora_rank, c.lora_alpha) == (8, 32)
-    # Merged layers: none by default (measured, README "Accuracy"); None = the paper's share, 3 of its 13
+    # Merged layers: none by default (measured, docs/accuracy.md); None = the paper's share, 3 of its 13
     # removed; an explicit count wins, capped at the removed.
     assert c.merge_layers == 0 and c.merge_count(13) == 0
     paper = GradPruneConfig(merge_layers=None)

@@ -68,7 +68,7 @@ def test_zero2_zero3_and_two_rank_runs_match_a_plain_run(runs, tmp_path):
     assert_same_scores(two, plain)
     # Rank 0 timed dense vs pruned generation alone while rank 1 waited.
     assert two["inference_benchmark"]["workloads"]["decode"]["workload"]["new_tokens"] == 32
-    # The README's 70B recipe (an IGIA score, no guard, no timing: streaming surgery) under two-rank ZeRO-3
+    # docs/distributed.md's 70B recipe (an IGIA score, no guard, no timing: streaming surgery) under two-rank ZeRO-3
     # (issue 18 item 9): rank 0 builds its meta model outside deepspeed.zero.Init, which rank 1 never joins.
     recipe = ["--gradprune_score", "squared", "--gradprune_guard_rows", "0", "--gradprune_benchmark", "false"]
     two = runs("zero3_dp2", "--deepspeed", str(zero3_config_for_cpu(tmp_path)), "--use_cpu", "true", *recipe,

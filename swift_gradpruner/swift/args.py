@@ -71,7 +71,7 @@ def parse_gradprune(raw: dict[str, str]) -> tuple[bool, GradPruneConfig]:
 
 
 def flag_help() -> list[tuple[str, str, str]]:
-    """(flag, default, help) of every GradPruner flag, for the README and ``gradprune flags``."""
+    """(flag, default, help) of every GradPruner flag, for docs/options.md and ``gradprune flags``."""
     rows = [(FLAG, "false", "Turn GradPruner on for this swift sft run.")]
     for f in fields(GradPruneConfig):
         default = str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
