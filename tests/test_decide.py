@@ -34,17 +34,18 @@ RANK_SCRIPT = textwrap.dedent(
         # A rank with another view of the file system: it would have pruned from a state rank 0 does not see.
         reuse.find_state = lambda *a: Path(out) / "gradprune" / "state"
 
-    def arguments(batch):
-        return SimpleNamespace(model=model, model_dir=model, dataset=[data], val_dataset=[], output_dir=out,
+    def arguments(batch, output_dir=out):
+        return SimpleNamespace(model=model, model_dir=model, dataset=[data], val_dataset=[], output_dir=output_dir,
                              add_version=False, resume_from_checkpoint=None, max_steps=6, init_weights=True,
                              per_device_train_batch_size=batch, streaming=False, num_train_epochs=1,
                              training_args=SimpleNamespace(gradient_accumulation_steps=1))
 
     config = GradPruneConfig(prune_layers=2, score="squared")
     facts = ModelFacts(layers=6, remove=2, kept_compute=0.7)
-    for scenario, batch in (("same", 2), ("differ", 4 if rank == 1 else 2)):
+    broken = str(Path(out).with_name("broken"))  # holds a truncated phase1.json (the test wrote it)
+    for scenario, batch, where in (("same", 2, out), ("differ", 4 if rank == 1 else 2, out), ("broken", 2, broken)):
         try:
-            result = {"decision": asdict(decide.decide(arguments(batch), config, facts))}
+            result = {"decision": asdict(decide.decide(arguments(batch, where), config, facts))}
         except GradPruneConfigError as error:
             result = {"error": str(error)}
         print(json.dumps({"rank": rank, "scenario": scenario, **result}), flush=True)
@@ -58,6 +59,9 @@ def test_rank_0_decides_and_a_rank_with_other_settings_stops_every_rank(tmp_path
     build_model("llama", num_layers=6, vocab_size=64).save_pretrained(model)
     data = tmp_path / "train.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    state = tmp_path / "broken" / "gradprune" / "state"
+    state.mkdir(parents=True)
+    (state / "phase1.json").write_text('{"phase1_key": "0123')  # an interrupted write: rank 0 fails to read it
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
@@ -86,3 +90,7 @@ def test_rank_0_decides_and_a_rank_with_other_settings_stops_every_rank(tmp_path
         error = results[rank, "differ"]["error"]
         assert "rank 1 has swift per_device_train_batch_size = '4' where rank 0 has '2'" in error, error
         assert "\n" not in error
+    # Issue 24 item 3: any failure of rank 0's decision (not only bad input) stops every rank with one line.
+    broken = [results[rank, "broken"]["error"] for rank in (0, 1)]
+    assert broken[0] == broken[1], broken
+    assert broken[0].startswith("deciding what this run does failed: JSONDecodeError: "), broken[0]

@@ -57,7 +57,19 @@ def sft_args(tiny, out: Path, *extra: str, steps: int = 6, capture: int = 4, acc
     ]  # fmt: skip
 
 
-def start_nodes(tiny, name: str, outputs: list[Path], *extra: str, **kwargs) -> tuple[list, list[Path]]:
+def default_args(tiny, out: Path, *extra: str, accumulation: int = 1) -> list[str]:
+    """The run a user types with the defaults (Block Influence: no phase 1) and epochs, not --max_steps."""
+    root, model, data = tiny
+    return [
+        "sft", "--model", str(model), "--model_type", "llama", "--dataset", str(data), *COMMON,
+        "--tuner_type", "lora", "--num_train_epochs", "1", "--per_device_train_batch_size", "2",
+        "--gradient_accumulation_steps", str(accumulation), "--output_dir", str(out), "--gradprune", "true",
+        "--gradprune_prune_layers", "2", *extra,
+    ]  # fmt: skip
+
+
+def start_nodes(tiny, name: str, outputs: list[Path], *extra: str, args_of=sft_args,
+                **kwargs) -> tuple[list, list[Path]]:  # fmt: skip
     """Start node 0 and node 1 (one process each) with their own --output_dir; return (processes, logs)."""
     root = tiny[0]
     port = str(free_port())
@@ -66,7 +78,7 @@ def start_nodes(tiny, name: str, outputs: list[Path], *extra: str, **kwargs) -> 
         env = {"NNODES": "2", "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                "NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
         log = root / f"{name}_node{node}.log"
-        procs.append(start_swift(*sft_args(tiny, out, "--use_cpu", "true", *extra, **kwargs), cwd=root, log=log,
+        procs.append(start_swift(*args_of(tiny, out, "--use_cpu", "true", *extra, **kwargs), cwd=root, log=log,
                                  env=env))  # fmt: skip
         logs.append(log)
     return procs, logs
@@ -127,6 +139,29 @@ def test_multinode_run_matches_one_process_and_writes_the_model_once(tiny, nodes
     assert f"model_dir='{pruned}'" in texts[1]
     assert texts[1].count("End time of running main") == 2
     assert (run / "checkpoint-6" / "adapter_model.safetensors").is_file()
+
+
+def test_multinode_default_run_with_epochs_matches_one_process(tiny, nodes):
+    """Issue 24: the default criterion has no phase 1, so rank 0 alone loads and encodes the rows (and,
+    with epochs, counts them) while node 1 waits; swift's dataset barriers once hung exactly this run."""
+    out = tiny[0] / "default_epochs"
+    procs, logs = nodes("default_epochs", [out, out], args_of=default_args)
+    codes = [proc.wait(timeout=TIMEOUT_S) for proc in procs]
+    texts = [log.read_text() for log in logs]
+    assert codes == [0, 0], [text[-4000:] for text in texts]
+    alone = tiny[0] / "default_epochs_alone"
+    check(swift(*default_args(tiny, alone, accumulation=2), cwd=tiny[0], env={"NPROC_PER_NODE": "1"}))
+    report, reference = report_of(out), report_of(alone)
+    assert report["phase1"] is None  # no phase 1: rank 0 prepared the rows alone
+    for name in ("dropped_layers", "merged_layers"):
+        assert report[name] == reference[name], name
+    assert report["layer_scores"] == pytest.approx(reference["layer_scores"], rel=1e-5)
+    assert report["quality_guard"]["rows"] == reference["quality_guard"]["rows"] > 0
+    run = run_dir(out)
+    assert [texts[0].count(SAVING), texts[1].count(SAVING)] == [1, 0]
+    assert f"model_dir='{run / 'gradprune' / 'model'}'" in texts[1]  # node 1 trained rank 0's pruned model
+    checkpoints = [sorted(p.name for p in folder.glob("checkpoint-*")) for folder in (run, run_dir(alone))]
+    assert checkpoints[0] == checkpoints[1] != [], checkpoints  # the same steps, phase 2 saved at its end
 
 
 @pytest.mark.parametrize("dying", [1, 0])

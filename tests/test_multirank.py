@@ -38,7 +38,8 @@ SCHEDULES = {"steps": ("--max_steps", "8", "--save_steps", "8"), "epochs": ("--n
 def recipe(kind: str, schedule: str, streaming: bool = False) -> tuple[str, ...]:
     method = {"default": (), "paper": PAPER, "auto": ("--gradprune_prune_layers", "auto")}[kind]
     count = () if kind == "auto" else ("--gradprune_prune_layers", "2")
-    return (*count, *method, *SCHEDULES[schedule], *(STREAMING if streaming else ()))
+    guard = STREAMING if streaming else ("--gradprune_guard_rows", "4")
+    return (*count, *method, *SCHEDULES[schedule], *guard)
 
 
 CELLS = {  # name: (kind, schedule, streaming)
@@ -77,7 +78,7 @@ def launch(tiny, name: str, cells: dict, ranks: int, backend: str | None) -> tup
         cell: ["--model", str(model), "--model_type", "llama", "--dataset", str(data), *COMMON, "--tuner_type", "lora",
                "--lora_dropout", "0", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps",
                accumulation, "--use_cpu", "true", "--output_dir", str(root / name / cell), *deepspeed,
-               "--gradprune_guard_rows", "4", *recipe(*spec)]  # fmt: skip
+               *recipe(*spec)]  # fmt: skip
         for cell, spec in cells.items()
     }
     cells_file, out_file = root / f"{name}.json", root / f"{name}.jsonl"
@@ -89,6 +90,7 @@ def launch(tiny, name: str, cells: dict, ranks: int, backend: str | None) -> tup
                   *runner]  # fmt: skip
     proc = subprocess.run([sys.executable, *runner], cwd=root, env={**offline_env(), "OMP_NUM_THREADS": "1"},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT_S)  # fmt: skip
+    (root / f"{name}.log").write_text(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-6000:]
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
     return {(row["cell"], row["rank"]): row for row in rows}, proc.stdout
@@ -129,3 +131,25 @@ def test_two_ranks_choose_the_layers_of_one_process_and_train_them(tiny, referen
     if backend == "ddp":
         # auto chose its count on the guard rows (rank 0) and every rank trained that many layers fewer.
         assert rows["auto_epochs", 1]["layers_after"] == references["auto_epochs"]["layers_after"] < 6
+
+
+def test_a_failure_of_rank_0_while_deciding_stops_both_ranks_with_one_line(tiny):
+    """Issue 24 item 3, as typed: a saved state whose phase1.json an interrupted write truncated. Rank 0
+    fails to read it while deciding; both ranks stop with the same line instead of rank 1 waiting forever
+    in the broadcast (the subprocess timeout is the bound)."""
+    from swift_run import swift
+
+    root, model, data = tiny
+    out = root / "broken"
+    state = out / "gradprune" / "state"
+    state.mkdir(parents=True)
+    (state / "phase1.json").write_text('{"phase1_key": "0123')
+    proc = swift("sft", "--model", str(model), "--model_type", "llama", "--dataset", str(data), *COMMON,
+                 "--tuner_type", "lora", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+                 "--use_cpu", "true", "--output_dir", str(out), "--add_version", "false", "--num_train_epochs", "1",
+                 "--gradprune", "true", cwd=root, env={"NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())},
+                 timeout=300)  # fmt: skip
+    assert proc.returncode != 0, proc.output[-4000:]
+    errors = {line for line in proc.output.splitlines() if line.startswith("[GradPruner] error:")}
+    assert len(errors) == 1, proc.output[-4000:]
+    assert errors.pop().startswith("[GradPruner] error: deciding what this run does failed: JSONDecodeError: ")
