@@ -189,6 +189,14 @@ def test_full_run_from_yaml_then_rerun_and_resume(tiny, tmp_path):
     assert "[GradPruner] error: --resume_from_checkpoint" in proc.output
     assert sorted(p.name for p in out.iterdir()) == sorted([first.name, second.name])
 
+    # Issue 24 item 4: --resume_only_model (the weights of checkpoint-4, a fresh optimizer) works too.
+    proc = check(swift("sft", str(config_file), "--resume_from_checkpoint", str(first / "checkpoint-4"),
+                       "--resume_only_model", "true", cwd=tmp_path))  # fmt: skip
+    assert f"{reused}{first / 'gradprune' / 'model'}" in proc.output
+    third = run_dir(out)
+    assert json.loads((third / "checkpoint-8" / "args.json").read_text())["resume_only_model"] is True
+    assert AutoModelForCausalLM.from_pretrained(third / "checkpoint-8").config.num_hidden_layers == 6 - removed
+
     import shutil
 
     shutil.rmtree(first)  # deleting v0 orphans nothing: v1's checkpoint still loads on its base

@@ -31,7 +31,7 @@ from ..report import REPORT_NAME, read_report
 from .decide import DATA, PHASE1, REUSE, Decision, decide
 from .distributed import check_shared_output_dir, on_rank0
 from .phase1 import discard_phase1, record_failure, run_phase1
-from .phases import hand_back_cuda_memory, prune_from_state, summary
+from .phases import drop_flags, hand_back_cuda_memory, prune_from_state, summary
 from .preflight import check_argv_paths, parse_sft_args, preflight, remove_empty_output_dirs
 from .reuse import link_model, remove_stale_temporaries, state_contents
 from .rows import prepare_rows
@@ -45,7 +45,9 @@ def run(argv: list[str], config: GradPruneConfig) -> dict[str, Any]:
     startup = _process_age()
     logger = get_logger()
     check_argv_paths(argv)
-    args = parse_sft_args(argv)
+    # --resume_only_model makes swift's parser point --model (full) or --adapters (LoRA) at the checkpoint;
+    # GradPruner's own view keeps the user's base model, and phase 2 gets the flag as typed.
+    args = parse_sft_args(drop_flags(argv, {"--resume_only_model"}))
     for line in config.unused_options():
         logger.warning(f"[GradPruner] WARNING: {line}")
     try:
