@@ -116,6 +116,28 @@ def test_mtp_layers_are_kept_after_the_kept_layers_on_both_paths(model_type, tmp
     assert memory.keys() == stream.keys() and all(torch.equal(memory[k], stream[k]) for k in memory)
 
 
+def test_qwen3_next_style_mtp_tensors_are_kept_as_they_are(tmp_path):
+    """``mtp.*`` tensors (Qwen3-Next's MTP module, numbered inside it) are not the model's: the in-memory path
+    copies them from the base shards unchanged, as streaming does."""
+    tokenizer = build_tokenizer()
+    base = tmp_path / "base"
+    build_model("llama", num_layers=4, vocab_size=len(tokenizer)).save_pretrained(base, max_shard_size="100KB")
+    tokenizer.save_pretrained(base)
+    mtp = {"mtp.fc.weight": torch.randn(64, 128), "mtp.layers.0.mlp.up_proj.weight": torch.randn(32, 64)}
+    save_file(mtp, str(base / "mtp.safetensors"), metadata={"format": "pt"})
+    index = json.loads((base / INDEX_NAME).read_text())
+    index["weight_map"].update(dict.fromkeys(mtp, "mtp.safetensors"))
+    (base / INDEX_NAME).write_text(json.dumps(index))
+    config = GradPruneConfig(prune_layers=1, score="block_influence", benchmark=False)
+    result = prune_checkpoint(base, None, config, tmp_path / "memory", {}, {"model_type": "llama"},
+                              calibration=batches(len(tokenizer)), log=lambda s: None)  # fmt: skip
+    stream_prune(base, tmp_path / "stream", result.plan, lambda name: None, config)
+    for name in ("memory", "stream"):
+        got = tensors_of(tmp_path / name)
+        assert all(torch.equal(got[key], value) for key, value in mtp.items()), name
+        assert {int(k.split(".")[2]) for k in got if k.startswith("model.layers.")} == {0, 1, 2}, name
+
+
 def test_layers_beyond_the_announced_mtp_layers_are_not_streamed(tmp_path):
     """A checkpoint with a layer after the decoder layers that its config does not announce is not read as MTP:
     it is pruned in memory (which keeps only what the model holds), and streaming it directly fails."""
