@@ -114,12 +114,10 @@ def _meta_model(model_dir):
 
 def _has_safetensors(model_dir) -> bool:
     """A safetensors checkpoint whose decoder-layer keys are what the model calls them (streaming.py)."""
-    from .streaming import INDEX_NAME, has_layer_keys
+    from .streaming import INDEX_NAME, has_layer_keys, mtp_count
 
     if not ((Path(model_dir) / "model.safetensors").is_file() or (Path(model_dir) / INDEX_NAME).is_file()):
         return False
-    from .streaming import mtp_count
-
     meta = _meta_model(model_dir)
     num_layers = text_config(meta.config).num_hidden_layers
     return has_layer_keys(model_dir, layers_prefix(meta), num_layers, mtp_count(meta.config))
