@@ -114,23 +114,29 @@ def _meta_model(model_dir):
 
 def _has_safetensors(model_dir) -> bool:
     """A safetensors checkpoint whose decoder-layer keys are what the model calls them (streaming.py)."""
-    from .streaming import INDEX_NAME, has_layer_keys
+    from .streaming import INDEX_NAME, has_layer_keys, mtp_count
 
     if not ((Path(model_dir) / "model.safetensors").is_file() or (Path(model_dir) / INDEX_NAME).is_file()):
         return False
     meta = _meta_model(model_dir)
-    return has_layer_keys(model_dir, layers_prefix(meta), text_config(meta.config).num_hidden_layers)
+    num_layers = text_config(meta.config).num_hidden_layers
+    return has_layer_keys(model_dir, layers_prefix(meta), num_layers, mtp_count(meta.config))
 
 
 def _other_files(model_dir) -> dict[str, Any]:
     """Files of the base checkpoint that save_pretrained and the tokenizer do not write (a vision-language
-    model's processor and chat template), as extra files for the pruned checkpoint."""
-    from .streaming import WEIGHT_SUFFIXES
+    model's processor and chat template), as extra files for the pruned checkpoint, and the base shards'
+    multi-token-prediction tensors, which the loaded model does not hold (``streaming.append_mtp``, run
+    after save_pretrained as the writer of the index it rewrites)."""
+    from .streaming import INDEX_NAME, append_mtp, carried_files, has_mtp
 
-    written = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "args.json"}  # fmt: skip
-    return {path.name: Raw(path.read_bytes()) for path in Path(model_dir).iterdir()
-            if path.is_file() and path.name not in written and not path.name.endswith(WEIGHT_SUFFIXES)}  # fmt: skip
+    written = {"generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "args.json"}  # fmt: skip
+    files: dict[str, Any] = {path.name: Raw(path.read_bytes()) for path in carried_files(model_dir)
+                             if path.name not in written}  # fmt: skip
+    if has_mtp(model_dir):
+        files[INDEX_NAME] = lambda path: append_mtp(model_dir, path.parent, layers_prefix(_meta_model(model_dir)))
+    return files
 
 
 def _onto(model, device: str):

@@ -248,7 +248,8 @@ def save_pruned(
 ) -> Path:
     """Save the pruned model as a plain HF checkpoint with the report and score plot inside it.
 
-    ``extra_files`` maps more file names to JSON-able contents (e.g. swift's args.json).
+    ``extra_files`` maps more file names to JSON-able contents (e.g. swift's args.json), ``Raw`` bytes, or
+    writers called with the file's path after the model is saved.
     """
     files = _report_files(result, extra_files)
     return save_checkpoint(model, out_dir, tokenizer=tokenizer, overwrite=overwrite, extra_files=files)
@@ -261,7 +262,9 @@ def _report_files(result: PruneResult, extra_files: dict[str, Any] | None) -> di
         PLOT_NAME: lambda path: plot_layer_scores(path, result.report),
     }
     for name, content in (extra_files or {}).items():
-        if isinstance(content, Raw):
+        if callable(content):  # a writer, called with the file's path once the model is saved
+            files[name] = content
+        elif isinstance(content, Raw):
             files[name] = lambda path, content=content: path.exists() or path.write_bytes(content)
         else:
             files[name] = lambda path, content=content: write_json(path, content)
