@@ -31,3 +31,16 @@ def random_lora_grads(model, rank=4, steps=3, seed=0, scale=1e-3):
             }
         )
     return out
+
+
+def tensors_of(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint (one file or shards), by key."""
+    from safetensors import safe_open
+
+    from swift_gradpruner.streaming import weight_files
+
+    out = {}
+    for key, path in weight_files(folder).items():
+        with safe_open(path, framework="pt") as f:
+            out[key] = f.get_tensor(key)
+    return out

@@ -9,22 +9,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import random_lora_grads
+from conftest import random_lora_grads, tensors_of
 from swift_gradpruner.checkpoint import _has_safetensors, prune_checkpoint
 from swift_gradpruner.config import GradPruneConfig
 from swift_gradpruner.importance import IGIAAccumulator
 from swift_gradpruner.selection import plan_removal
-from swift_gradpruner.streaming import INDEX_NAME, has_layer_keys, stream_prune, weight_files
+from swift_gradpruner.streaming import INDEX_NAME, has_layer_keys, stream_prune
 from swift_gradpruner.tiny import build_model, build_tokenizer
 from swift_gradpruner.tiny_families import build_family, build_family_tokenizer
-
-
-def tensors_of(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, path in weight_files(folder).items():
-        with safe_open(path, framework="pt") as f:
-            out[key] = f.get_tensor(key)
-    return out
 
 
 def assert_index_matches_files(folder) -> None:

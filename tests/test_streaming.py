@@ -8,10 +8,9 @@ import textwrap
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import random_lora_grads
+from conftest import random_lora_grads, tensors_of
 from swift_gradpruner.checkpoint import prune_checkpoint
 from swift_gradpruner.config import GradPruneConfig
 from swift_gradpruner.importance import IGIAAccumulator
@@ -21,14 +20,6 @@ from swift_gradpruner.selection import plan_removal
 from swift_gradpruner.streaming import INDEX_NAME, stream_prune, weight_files
 from swift_gradpruner.surgery import remove_layers, save_checkpoint
 from swift_gradpruner.tiny import build_model, build_tokenizer
-
-
-def tensors_of(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, path in weight_files(folder).items():
-        with safe_open(path, framework="pt") as f:
-            out[key] = f.get_tensor(key)
-    return out
 
 
 @pytest.mark.parametrize(
