@@ -183,7 +183,15 @@ def block_influence(model: nn.Module, batches: Sequence[Batch]) -> list[float]:
     finally:
         for hook in hooks:
             hook.remove()
-    return [1 - s / tokens for s in sums]
+    influence = [1 - s / tokens for s in sums]
+    if not all(math.isfinite(value) for value in influence):
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        bad = [j for j, value in enumerate(influence) if not math.isfinite(value)]
+        raise NonFiniteError(
+            f"the block_influence criterion measured NaN/inf for layers {bad} in {dtype}: the model overflows in "
+            f"{dtype}; run the prune step in bfloat16 or float32 (a checkpoint saved in float16 is loaded as float16)"
+        )
+    return influence
 
 
 @torch.inference_mode()
