@@ -1,7 +1,8 @@
 """Helpers of scripts/gpu_check.sh (run there, on a machine with a CUDA GPU).
 
     python scripts/gpu_check.py build OUT        # Llama-3.1-8B-shaped random bf16 model + a 13-of-32 pruned copy
-    python scripts/gpu_check.py criterion OUT    # the default criterion's time and peak memory at 4k tokens
+    python scripts/gpu_check.py criterion OUT    # the default criterion's time and peak memory at 4k tokens,
+                                                 # and the prune step's device plan for that model
     python scripts/gpu_check.py summary OUT      # OUT/gpu_check.json and OUT/gpu_check.md from the steps' files
 
 Every step writes OUT/<step>.json, so the summary shows what ran, what failed and what was skipped.
@@ -83,9 +84,15 @@ def criterion(out: Path, rows: int = 4, tokens: int = 4096) -> dict:
     except torch.OutOfMemoryError as error:
         return {"criterion": config.score, "error": f"out of GPU memory: {str(error).splitlines()[0]}"}
     torch.cuda.synchronize()
-    return {"criterion": config.score, "rows": rows, "tokens_per_row": tokens, "seconds": time.perf_counter() - start,
-            "peak_gib_above_weights": (torch.cuda.max_memory_allocated() - weights) / 2**30,
-            "weights_gib": weights / 2**30, "removed": removed}  # fmt: skip
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() - weights) / 2**30
+    del model
+    torch.cuda.empty_cache()
+    from swift_gradpruner.checkpoint import _device_plan
+
+    return {"criterion": config.score, "rows": rows, "tokens_per_row": tokens, "seconds": seconds,
+            "peak_gib_above_weights": peak, "weights_gib": weights / 2**30, "removed": removed,
+            "device_plan": _device_plan(out / "llama8b_dense").describe()}  # fmt: skip
 
 
 def summary(out: Path) -> dict:

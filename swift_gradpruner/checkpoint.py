@@ -1,12 +1,14 @@
 """Prune a checkpoint on disk: load it (or stream its shards), run ``prune.prune_model``, save the result.
 
-The model runs on the GPU when there is one and it fits; a GPU that runs out of memory anywhere in
-the prune step (criterion, guard, merge, timing) costs one log line and the step is redone on the
-CPU from a fresh copy of the weights, reusing what the criterion had already measured.
+The model runs on rank 0's GPU when it fits there, else spread over the node's GPUs by a device_map
+(devices.py), else on the CPU. A GPU that runs out of memory anywhere in the prune step (criterion,
+guard, merge, timing) costs one log line and the step is redone on the CPU from a fresh copy of the
+weights, reusing what the criterion had already measured.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +20,7 @@ import torch
 
 from .architecture import auto_class, layers_prefix, text_config
 from .config import IGIA_SCORES, GradPruneConfig
+from .devices import CPU, DevicePlan, plan_devices
 from .importance import IGIAAccumulator
 from .prune import PruneResult, Raw, _report_files, prune_model, save_pruned
 from .selection import LayerPlan
@@ -42,25 +45,7 @@ def prune_checkpoint(model_dir: str | os.PathLike, accumulator: IGIAAccumulator 
     if config.score in IGIA_SCORES and not guard and not config.benchmark and _has_safetensors(model_dir):
         result = _prune_streaming(model_dir, accumulator, config, out_dir, extra, swift_args, log)
     else:
-        start = time.perf_counter()
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = _onto(_load(model_dir), device)
-        loaded = time.perf_counter() - start
-        cache: dict = {}  # the criterion's measurements survive a restart on the CPU
-        try:
-            result = prune_model(model, accumulator, config, calibration=calibration, guard=guard,
-                                 criterion_cache=cache, device=device, extra=extra, log=log)  # fmt: skip
-        except torch.OutOfMemoryError as error:
-            where = next(model.parameters()).device
-            warn(f"[GradPruner] out of GPU memory while pruning on {where} ({_first_line(error)}); "
-                 "doing the prune step again on the CPU (slower)")  # fmt: skip
-            del model
-            _empty_cuda_cache()
-            start = time.perf_counter()
-            model = _load(model_dir)
-            loaded += time.perf_counter() - start
-            result = prune_model(model, accumulator, config, calibration=calibration, guard=guard,
-                                 criterion_cache=cache, device="cpu", extra=extra, log=log)  # fmt: skip
+        model, result, loaded = _prune_loaded(model_dir, accumulator, config, guard, calibration, extra, log, warn)
         if result.guard is not None and not result.guard.ok:
             warn(f"[GradPruner] WARNING: {result.guard.message(len(result.plan.removed))}")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -73,13 +58,64 @@ def prune_checkpoint(model_dir: str | os.PathLike, accumulator: IGIAAccumulator 
     return result
 
 
-def _load(model_dir):
-    """The whole model in its own dtype on the CPU, on this rank alone, also inside a ZeRO-3 run."""
+def _prune_loaded(model_dir, accumulator, config, guard, calibration, extra, log, warn):
+    """Load the model where ``_device_plan`` says and prune it; on running out of GPU memory, load it
+    again on the CPU and prune that. Returns the model, the result and the seconds spent loading."""
+    cache: dict = {}  # the criterion's measurements survive a restart on the CPU
+    loaded = [0.0]
+
+    def attempt(plan: DevicePlan):
+        start = time.perf_counter()
+        model = _load(model_dir, plan)
+        loaded[0] += time.perf_counter() - start
+        result = prune_model(model, accumulator, config, calibration=calibration, guard=guard,
+                             criterion_cache=cache, device=plan.device, extra=extra, log=log)  # fmt: skip
+        return model, result
+
+    plan = _device_plan(model_dir)
+    log(f"[GradPruner] prune step on {plan.describe()}")
+    try:
+        return (*attempt(plan), loaded[0])
+    except torch.OutOfMemoryError as error:
+        failure = _first_line(error)
+    # Out of the except block: its traceback held the GPU model and the dense targets, so that nothing
+    # could be freed while it lived.
+    gc.collect()
+    _empty_cuda_cache()
+    warn(f"[GradPruner] out of GPU memory while pruning on {plan.describe()} ({failure}); "
+         "doing the prune step again on the CPU (slower)")  # fmt: skip
+    return (*attempt(CPU), loaded[0])
+
+
+def _device_plan(model_dir) -> DevicePlan:
+    """devices.plan_devices from the GPUs' free memory and the checkpoint's size. The other GPUs are asked
+    only when the model does not fit on rank 0's (asking leaves a CUDA context on each)."""
+    if not torch.cuda.is_available():
+        return CPU
     from transformers import AutoConfig
 
+    from .streaming import WEIGHT_SUFFIXES
+
+    size = sum(path.stat().st_size for path in Path(model_dir).iterdir()
+               if path.name.endswith(WEIGHT_SUFFIXES) and not path.name.endswith(".json"))  # fmt: skip
+    layers = text_config(AutoConfig.from_pretrained(model_dir)).num_hidden_layers
+    first = torch.cuda.current_device()
+    free = {first: torch.cuda.mem_get_info(first)[0]}
+    plan = plan_devices(free, size, layers)
+    if plan.gpus or torch.cuda.device_count() < 2:
+        return plan
+    free.update({gpu: torch.cuda.mem_get_info(gpu)[0] for gpu in range(torch.cuda.device_count()) if gpu != first})
+    return plan_devices(free, size, layers)
+
+
+def _load(model_dir, plan: DevicePlan = CPU):
+    """The whole model in its own dtype where ``plan`` puts it, on this rank alone, also inside a ZeRO-3 run."""
+    from transformers import AutoConfig
+
+    memory = {"max_memory": plan.max_memory} if plan.max_memory else {}
     with zero3_init_off():
         model_class = auto_class(AutoConfig.from_pretrained(model_dir))
-        return model_class.from_pretrained(model_dir, dtype="auto", device_map="cpu")
+        return model_class.from_pretrained(model_dir, dtype="auto", device_map=plan.device_map, **memory)
 
 
 def _prune_streaming(model_dir, accumulator, config, out_dir, extra, swift_args, log) -> PruneResult:
@@ -137,18 +173,6 @@ def _other_files(model_dir) -> dict[str, Any]:
     if has_mtp(model_dir):
         files[INDEX_NAME] = lambda path: append_mtp(model_dir, path.parent, layers_prefix(_meta_model(model_dir)))
     return files
-
-
-def _onto(model, device: str):
-    """``model`` on ``device`` if it fits there, else where it is."""
-    if device == "cpu":
-        return model
-    try:
-        return model.to(device)
-    except torch.OutOfMemoryError:
-        model.to("cpu")
-        _empty_cuda_cache()
-        return model
 
 
 def _empty_cuda_cache() -> None:

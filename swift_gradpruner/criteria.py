@@ -183,7 +183,15 @@ def block_influence(model: nn.Module, batches: Sequence[Batch]) -> list[float]:
     finally:
         for hook in hooks:
             hook.remove()
-    return [1 - s / tokens for s in sums]
+    influence = [1 - s / tokens for s in sums]
+    if not all(math.isfinite(value) for value in influence):
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        bad = [j for j, value in enumerate(influence) if not math.isfinite(value)]
+        raise NonFiniteError(
+            f"the block_influence criterion measured NaN/inf for layers {bad} in {dtype}: the model overflows in "
+            f"{dtype}; run the prune step in bfloat16 or float32 (a checkpoint saved in float16 is loaded as float16)"
+        )
+    return influence
 
 
 @torch.inference_mode()
@@ -200,7 +208,8 @@ def angular_block(model: nn.Module, batches: Sequence[Batch], size: int) -> tupl
         seen = _layer_inputs(model, batch, kept)
         last = batch["attention_mask"].sum(dim=1) - 1
         pick = torch.arange(last.numel())
-        states = [seen[j][pick, last.to(seen[j].device)].float() for j in kept] + [seen[-1][pick, last].float()]
+        # On the CPU: a device_map puts the layers on several GPUs (rows x hidden numbers each).
+        states = [seen[j][pick.to(seen[j].device), last.to(seen[j].device)].float().cpu() for j in [*kept, -1]]
         for start in range(num - size + 1):
             cos = nn.functional.cosine_similarity(states[start], states[start + size], dim=-1).clamp(-1, 1)
             sums[start] += float((torch.arccos(cos) / math.pi).sum())

@@ -53,8 +53,8 @@ def loss_sum(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tu
     """Summed next-token cross-entropy over the labelled tokens; the head runs on those rows only."""
     targets = labels[:, 1:].to(hidden.device)
     keep = targets != -100
-    logits = output_logits(model, hidden[:, :-1][keep])
-    return nn.functional.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+    logits = output_logits(model, hidden[:, :-1][keep])  # on the head's device (a device_map may differ)
+    return nn.functional.cross_entropy(logits, targets[keep].to(logits.device), reduction="sum"), int(keep.sum())
 
 
 def final_hidden(model: nn.Module, batch: Batch) -> torch.Tensor:

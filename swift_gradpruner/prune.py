@@ -155,12 +155,13 @@ def time_dense_vs_pruned(model: nn.Module, dense: Snapshot, rounds: int = 5) -> 
     the pruned ``model`` and of its ``dense`` snapshot, in alternating rounds on the model's device.
 
     Skipped, with the reason, on a CPU-resident model when a GPU exists (the dense model did not fit).
+    A model spread over several GPUs by a device_map is timed as it is (its layers run one GPU after another).
     """
     device = next(model.parameters()).device
     entry: dict[str, Any] = {"device": device.type, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                              "backend": "transformers"}  # fmt: skip
     if device.type == "cpu" and torch.cuda.is_available():
-        entry["skipped"] = "the dense model did not fit on one GPU; time it with gradprune bench on a larger device"
+        entry["skipped"] = "the dense model did not fit on the GPUs; time it with gradprune bench on a larger device"
         return entry
     engine = TransformersEngine(model)
 

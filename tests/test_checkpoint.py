@@ -73,3 +73,37 @@ def test_out_of_memory_on_the_cpu_retry_is_not_retried_again(tmp_path, monkeypat
         prune_checkpoint(tmp_path / "base", None, config, tmp_path / "out", {}, {}, calibration=batches(64),
                          log=lambda line: None, warn=lambda line: None)  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_the_model_that_ran_out_of_memory_is_freed_before_the_cpu_retry(tmp_path, monkeypatch):
+    """Issue 25 item 4: the retry once ran inside the ``except`` block, whose traceback kept the GPU model
+    (and the guard's dense targets) alive, so emptying the CUDA cache freed nothing. The first model must
+    be garbage by the time the second prune starts."""
+    import weakref
+
+    from swift_gradpruner import checkpoint
+
+    tokenizer = build_tokenizer()
+    build_model("llama", num_layers=4, vocab_size=len(tokenizer)).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    real = checkpoint.prune_model
+    first: list[weakref.ref] = []
+
+    def out_of_memory_once(model, *args, **kwargs):
+        if not first:
+            first.append(weakref.ref(model))
+            held = [model, torch.zeros(8)]  # a local the traceback keeps, like the guard's dense targets
+            raise torch.OutOfMemoryError(f"CUDA out of memory ({len(held)} tensors held)")
+        assert first[0]() is None, "the first model is still alive when the CPU retry starts"
+        assert model is not None
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "prune_model", out_of_memory_once)
+    lines: list[str] = []
+    config = GradPruneConfig(prune_layers=1, score="block_influence", benchmark=False)
+    result = prune_checkpoint(tmp_path / "base", None, config, tmp_path / "out", {}, {},
+                              calibration=batches(len(tokenizer)),
+                              log=lines.append, warn=lines.append)  # fmt: skip
+    assert len(first) == 1 and first[0]() is None and len(result.plan.removed) == 1
+    assert sum("doing the prune step again on the CPU" in line for line in lines) == 1
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 3

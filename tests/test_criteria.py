@@ -97,7 +97,7 @@ def test_kl_first_round_and_later_rounds_match_pruned_copies(arch):
 
 
 def test_kl_of_a_soft_capped_head_matches_full_logits():
-    """Gemma 2 soft-caps its logits (not linear in the hidden state): the KL keeps dense log-probs."""
+    """Gemma 2 soft-caps its logits (not linear in the hidden state): the KL keeps dense hidden states."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model("gemma2", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
@@ -111,7 +111,7 @@ def test_kl_of_a_soft_capped_head_matches_full_logits():
         noisy.model.norm.weight.fill_(20.0)  # logits far into the soft cap (the head stays the dense one)
     batches = calibration()
     targets = measures.reference_of(dense, batches)
-    assert targets[0].logprobs is not None
+    assert targets[0].states is not None and targets[0].u is None  # hidden states, recomputed dense logits
     expected = reference.kl_to(dense, noisy, batches)
     assert expected > 1e-3
     assert measures.mean_kl(noisy, batches, targets) == pytest.approx(expected, rel=1e-3, abs=1e-6)
@@ -141,6 +141,23 @@ def test_block_influence_and_angular_match_references():
         expected = reference.angular_distances(model, batches, size)
         assert distances == pytest.approx(expected, abs=1e-5)
         assert start == min(range(len(expected)), key=lambda s: (expected[s], -s))
+
+
+def test_block_influence_stops_on_an_overflowing_float16_model():
+    """Issue 25 item 5: a float16 layer that overflows gives inf hidden states and NaN cosines, which would
+    sort arbitrarily; Block Influence stops with one line naming the dtype and the fix."""
+    from swift_gradpruner.config import GradPruneConfigError
+
+    model = model_factory()().half()
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight.mul_(1e6)  # beyond float16's 65504
+    with pytest.raises(GradPruneConfigError, match="float16") as caught:
+        criteria.block_influence(model, calibration())
+    assert "\n" not in str(caught.value) and "NaN/inf for layers [2, " in str(caught.value)
+    with pytest.raises(GradPruneConfigError, match="bfloat16 or float32"):
+        prune_model(model, None, GradPruneConfig(prune_layers=2, score="block_influence", benchmark=False),
+                    calibration=calibration())  # fmt: skip
+    assert model.config.num_hidden_layers == NUM_LAYERS  # nothing was removed
 
 
 def test_last_and_random_layers():

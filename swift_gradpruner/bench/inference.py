@@ -66,6 +66,8 @@ class TransformersEngine:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.device = next(model.parameters()).device
+        self.devices = sorted({p.device for p in model.parameters()}, key=str)
+        """All of them: a device_map spreads the layers over several GPUs."""
 
     def run(self, workload: Workload) -> float:
         from transformers import GenerationConfig
@@ -79,12 +81,12 @@ class TransformersEngine:
         self.model.eval()
         try:
             with torch.inference_mode():
-                _sync(self.device)
+                _sync(self.devices)
                 start = time.perf_counter()
                 # synced_gpus=False: only this rank generates, even inside a multi-rank ZeRO-3 run.
                 out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=greedy,
                                           synced_gpus=False)  # fmt: skip
-                _sync(self.device)
+                _sync(self.devices)
                 elapsed = time.perf_counter() - start
         finally:
             self.model.train(was_training)
@@ -133,9 +135,10 @@ class VllmEngine:
         self.llm = None
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _sync(devices: list[torch.device]) -> None:
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
 def compare_inference(
