@@ -5,4 +5,4 @@ set -euo pipefail
 EXTRAS=dev,deepspeed,eval,vllm . "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 export HF_HUB_OFFLINE=1 USE_HF=1
 ruff check .
-python -m pytest -q -rs "$@"
+python -m pytest -q -rs --durations=30 "$@"
