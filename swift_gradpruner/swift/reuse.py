@@ -22,7 +22,7 @@ from ..config import GradPruneConfig, GradPruneConfigError
 from ..importance import state_has_factors
 from ..report import read_report
 from ..surgery import atomic_dir
-from .keys import NOT_PRUNING, PHASE1_OPTIONS, SECTIONS, differences
+from .keys import NOT_PRUNING, differences
 
 GRADPRUNE_DIR = "gradprune"
 MODEL_DIR = "model"
@@ -111,23 +111,22 @@ def pruned_model_of_checkpoint(checkpoint: str, key: str, material: dict[str, An
 
 
 def made_with(report: dict[str, Any]) -> dict[str, Any] | None:
-    """The key material a pruned model's report records (None for reports of older versions)."""
+    """The key material a pruned model's report records, but its GradPruner options (the report's
+    ``config``); None for reports of older versions."""
     if "versions" not in report or "config" not in report:
         return None
-    options = report["config"]
-    return {"gradprune": {name: options.get(name) for name in PHASE1_OPTIONS}, "swift": report.get("swift_settings"),
-            "model": report.get("model_fingerprint"), "versions": report["versions"],
-            "data": report.get("data_digests")}  # fmt: skip
+    return {"swift": report.get("swift_settings"), "model": report.get("model_fingerprint"),
+            "versions": report["versions"], "data": report.get("data_digests")}  # fmt: skip
 
 
 def _changes(material: dict[str, Any], config: GradPruneConfig, made: dict[str, Any], report: dict[str, Any],
              ) -> list[tuple[str, Any, Any]]:  # fmt: skip
     """What differs between this run and the one that made a pruned model: settings, data, model files,
-    package versions, pruning options."""
-    out = differences(material, made, (*SECTIONS, "data"))
-    recorded = report.get("config", {})
+    package versions, GradPruner options."""
+    out = differences(material, made, ("swift", "model", "versions", "data"))
+    recorded = report["config"]
     for name, value in config.to_dict().items():
-        if name not in NOT_PRUNING and name not in PHASE1_OPTIONS and recorded.get(name) != value:
+        if name not in NOT_PRUNING and recorded.get(name) != value:
             out.append((f"gradprune {name}", value, recorded.get(name)))
     return out
 
