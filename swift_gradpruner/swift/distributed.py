@@ -83,8 +83,12 @@ def one_line(error: BaseException, what: str) -> str:
     failed (``what``) with the error's type and last line."""
     if isinstance(error, GradPruneConfigError):
         return str(error)
-    last = (str(error).strip().splitlines() or [""])[-1][:300]
-    return f"{what} failed: {type(error).__name__}: {last} (GRADPRUNE_DEBUG=1 shows the traceback)"
+    return f"{what} failed: {type(error).__name__}: {last_line(error)} (GRADPRUNE_DEBUG=1 shows the traceback)"
+
+
+def last_line(error: BaseException) -> str:
+    """The last line of an error's message (where Python puts what went wrong), at most 300 characters."""
+    return (str(error).strip().splitlines() or [""])[-1][:300]
 
 
 @contextmanager

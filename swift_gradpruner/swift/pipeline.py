@@ -29,7 +29,7 @@ from ..config import GradPruneConfig, GradPruneConfigError
 from ..payoff import WholeRun
 from ..report import REPORT_NAME, read_report
 from .decide import DATA, PHASE1, REUSE, Decision, decide
-from .distributed import check_shared_output_dir, on_rank0
+from .distributed import check_shared_output_dir, last_line, on_rank0
 from .phase1 import discard_phase1, record_failure, run_phase1
 from .phases import drop_flags, hand_back_cuda_memory, prune_from_state, summary
 from .preflight import check_argv_paths, parse_sft_args, preflight, remove_empty_output_dirs
@@ -139,13 +139,9 @@ def _phase1_or_one_line(argv: list[str], args, config: GradPruneConfig, decision
         if os.environ.get("GRADPRUNE_DEBUG"):
             raise
         raise GradPruneConfigError(
-            f"phase 1 failed: {type(error).__name__}: {_last_line(error)}; the full error and phase 1's logs are in "
+            f"phase 1 failed: {type(error).__name__}: {last_line(error)}; the full error and phase 1's logs are in "
             f"{log.parent} ({log.name}; GRADPRUNE_DEBUG=1 also prints the traceback)"
         ) from error
-
-
-def _last_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[-1][:300]
 
 
 def _process_age() -> float:
