@@ -121,8 +121,11 @@ def run_cell(method: Method, budget: int, cache: TaskCache, stage: Callable[[str
     reported = next(iter(cache.data.splits))
     cell["before"] = timed("score before", lambda: measure(model, cache, [reported]))
     if cache.recipe.epochs > 0:
+        curve: list[float] = []
         model = timed("recovery", lambda: lora_finetune(model, cache.tokenizer, cache.data.examples, cache.recipe,
+                                                        progress=lambda _, loss: curve.append(round(loss, 5)),
                                                         chat=cache.data.chat))  # fmt: skip
+        cell["recovery_loss"] = curve
         cell["after"] = timed("score after", lambda: measure(model, cache))
     else:
         cell["after"] = cell["before"]
