@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from swift_gradpruner import healing
 from swift_gradpruner.evaluation import harness
 from swift_gradpruner.evaluation.finetune import Recipe, batches
 from swift_gradpruner.evaluation.scoring import encode_pair, loglikelihoods, score_items
@@ -121,6 +122,7 @@ def test_eval_smoke_run_resumes(tiny_dir, tmp_path, monkeypatch):
         assert 0 <= cell["after"]["acc"] <= 1 and cell["after"]["loss"] > 0
         assert sum(cell["after"]["correct_norm"]) == round(8 * cell["after"]["acc_norm"])
         assert len(cell["after"]["correct"]) == 8
+        assert len(cell["recovery_loss"]) == 2 and all(loss > 0 for loss in cell["recovery_loss"])  # 8 rows / batch 4
         assert cell["guard"]["rows"] == 4 and cell["guard"]["increase"] == pytest.approx(
             cell["guard"]["pruned_loss"] / cell["guard"]["dense_loss"] - 1
         )
@@ -170,6 +172,21 @@ def test_auto_cells_let_the_guard_choose_the_count(tiny_dir, tmp_path):
     assert len(loose["removed"]) == 3 and loose["quality_guard"]["ok"]  # the ceiling, within a loose threshold
     assert loose["quality_guard"]["kl"] == pytest.approx(loose["guard"]["kl"], rel=1e-6)  # the same rows and measure
     assert tight["removed"] == [] and "even one layer" in tight["refused"]  # a swift run would stop with this line
+
+
+def test_seam_healing_cells_heal_the_layers_the_plain_cell_removed(tiny_dir, tmp_path):
+    sizes = harness.Sizes(train_rows=8, eval_items=4, test_items=4, calibration_rows=4, guard_rows=4)
+    recipe = Recipe(batch_size=4, max_length=96, epochs=0)
+    specs = ("block_influence", "block_influence:heal=seam,heal_steps=20,heal_lr=1e-3,heal_rows=8")
+    plain, healed = [harness.run_eval(tiny_dir, ["sst2"], [2], [harness.parse_method(m)], tmp_path / str(i),
+                                      sizes=sizes, recipe=recipe, show_progress=False)[0]
+                     for i, m in enumerate(specs)]  # fmt: skip
+    assert healed["removed"] == plain["removed"] and "healing" not in plain
+    seams = healing.seams_of(5, healed["removed"])
+    assert [r["layer"] for r in healed["healing"]] == [s.layer for s in seams]
+    assert all(r["loss_after"] < r["loss_before"] for r in healed["healing"])
+    assert healed["guard"]["kl"] != plain["guard"]["kl"]  # the guard measured the healed model
+    assert harness.parse_method(specs[1]).config(2).to_dict() == harness.parse_method(specs[0]).config(2).to_dict()
 
 
 def test_chat_rows_are_encoded_as_swift_encodes_them(tiny_dir, tokenizer):

@@ -74,7 +74,9 @@ def prune_for(method: Method, budget: int, model, cache: TaskCache) -> dict[str,
     except GuardError as refusal:  # auto: not even one layer within the threshold; a swift run would stop here
         return {"removed": [], "dropped": [], "merged": {}, "config": config.to_dict(), "refused": str(refusal)}
     plan = result.plan
+    healed = heal_for(method, model, plan, cache) if method.heal else {}
     return {
+        **healed,
         "removed": list(plan.removed),
         "dropped": list(plan.dropped),
         "merged": {str(k): v for k, v in plan.merged.items()},
@@ -83,6 +85,17 @@ def prune_for(method: Method, budget: int, model, cache: TaskCache) -> dict[str,
         "igia_layer_scores": result.report["layer_scores"] if steps else None,
         **({"quality_guard": result.report["quality_guard"]} if "quality_guard" in result.report else {}),
     }
+
+
+def heal_for(method: Method, model, plan, cache: TaskCache) -> dict[str, Any]:
+    """Seam healing of the pruned ``model`` (healing.py) on calibration rows, against a fresh dense copy."""
+    from ..healing import dense_rows, heal_seams, seams_of
+
+    settings = dict(method.heal)
+    rows = settings.pop("rows")
+    seams = seams_of(len(plan.kept) + len(plan.removed), plan.removed)
+    dense = dense_rows(cache.load(), cache.calibration(rows), seams)
+    return {"healing": heal_seams(model, plan.kept, seams, dense, **settings)}
 
 
 def guard_measures(model, cache: TaskCache, pruned: bool) -> dict[str, Any]:

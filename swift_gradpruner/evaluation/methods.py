@@ -22,7 +22,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 ``igia`` the paper's (Eq. 4, t = 10 phase-1 steps, merging 3 of every 13 removed layers as in its
 13/3 Llama setting); the others are the baselines at the same number of removed layers, without
 merging. ``name:key=value,...`` changes a setting, e.g. ``igia:steps=32`` or ``kl:calibration_rows=64``;
-``prune_layers=auto`` lets the quality guard choose the count, with the cell's budget as its ceiling."""
+``prune_layers=auto`` lets the quality guard choose the count, with the cell's budget as its ceiling.
+``heal=seam`` (with ``heal_steps``, ``heal_lr``, ``heal_loss``, ``heal_scope``, ``heal_rows``) fits the kept
+layer next to each removed run to the dense model's hidden states after pruning (healing.py)."""
+
+HEAL_DEFAULTS: dict[str, Any] = {"heal_steps": 200, "heal_lr": 1e-4, "heal_loss": "cosine", "heal_scope": "layer",
+                                 "heal_rows": 64}  # fmt: skip
+"""Seam healing's settings when ``heal=seam`` is given without them."""
 
 
 @dataclass(frozen=True)
@@ -37,13 +43,23 @@ class Method:
         return self.name != "dense"
 
     @property
+    def heal(self) -> dict[str, Any] | None:
+        """Seam-healing settings (healing.heal_seams's keywords and the calibration rows), or None."""
+        if "heal" not in self.options:
+            return None
+        if self.options["heal"] != "seam":
+            raise ValueError(f"heal={self.options['heal']!r} in {self.spec!r}: the only healing is heal=seam")
+        settings = {k: self.options.get(k, v) for k, v in HEAL_DEFAULTS.items()}
+        return {k.removeprefix("heal_"): v for k, v in settings.items()}
+
+    @property
     def auto(self) -> bool:
         return self.options.get("prune_layers") == "auto"
 
     def config(self, budget: int, num_layers: int = 30) -> GradPruneConfig:
         """The GradPruneConfig of this method at ``budget`` removed layers (not for dense/random); with
         ``prune_layers=auto``, ``budget`` of the ``num_layers`` (equal-sized) layers is the ceiling."""
-        options = dict(self.options)
+        options = {k: v for k, v in self.options.items() if k != "heal" and k not in HEAL_DEFAULTS}
         if options.get("merge_layers") == "paper":  # the paper's 3-of-13 share (GradPruneConfig's default)
             options["merge_layers"] = None
         if self.auto:
@@ -76,6 +92,7 @@ def parse_method(spec: str) -> Method:
     method = Method(spec=spec, name=name, options=options)
     if name not in ("dense", "random"):
         method.config(12)  # validates the options now, not hours into a sweep
+        _ = method.heal  # so is the healing setting
     return method
 
 
