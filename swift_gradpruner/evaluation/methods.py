@@ -26,7 +26,7 @@ merging. ``name:key=value,...`` changes a setting, e.g. ``igia:steps=32`` or ``k
 ``heal=seam`` (with ``heal_steps``, ``heal_lr``, ``heal_loss``, ``heal_scope``, ``heal_rows``) fits the kept
 layer next to each removed run to the dense model's hidden states after pruning (healing.py)."""
 
-HEAL_DEFAULTS: dict[str, Any] = {"heal_steps": 200, "heal_lr": 1e-4, "heal_loss": "cosine", "heal_scope": "layer",
+HEAL_DEFAULTS: dict[str, Any] = {"heal_steps": 200, "heal_lr": 3e-4, "heal_loss": "cosine", "heal_scope": "layer",
                                  "heal_rows": 64}  # fmt: skip
 """Seam healing's settings when ``heal=seam`` is given without them."""
 

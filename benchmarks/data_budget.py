@@ -1,0 +1,125 @@
+"""The data-budget table and plot (docs/accuracy.md): accuracy after recovery against the number of
+training rows, dense and pruned, with paired-bootstrap intervals; and whether the recovery fine-tune's
+first steps predict the final drop better than the guard's KL does.
+
+Reads ``gradprune eval`` output folders named ``<task>-<rows>`` under ``--runs`` (one per task and
+training-row count; see docs/accuracy.md for the commands that make them).
+
+Run: python benchmarks/data_budget.py --runs runs/budget --split val [--plot docs/img/data_budget.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from swift_gradpruner.evaluation.guard_calibration import spearman
+from swift_gradpruner.evaluation.intervals import paired_difference
+from swift_gradpruner.evaluation.summary import item_results, primary
+
+EARLY = 0.1
+"""Share of the recovery fine-tune's first steps whose mean loss is the early-loss measure."""
+
+
+def load_cells(runs: Path, split: str) -> list[dict[str, Any]]:
+    """Every finished cell of ``split`` under ``runs/<task>-<rows>/cells``, with its ``rows``."""
+    cells = []
+    for folder in sorted(runs.glob("*-*")):
+        for path in sorted(folder.glob(f"cells/*/*.{split}.json")):
+            cell = json.loads(path.read_text(encoding="utf-8"))
+            cell["rows"] = cell["sizes"]["train_rows"]
+            cells.append(cell)
+    return cells
+
+
+def label(cell: dict[str, Any]) -> str:
+    return "dense" if cell["method"] == "dense" else f"{cell['method']} {cell['budget']}/{cell['num_layers']}"
+
+
+def rows_table(cells: list[dict[str, Any]]) -> str:
+    """One line per (task, rows, pruned model): dense and pruned accuracy, their paired difference."""
+    dense = {(c["task"], c["rows"]): c for c in cells if c["method"] == "dense"}
+    lines = ["| task | rows | model | accuracy | dense | vs dense [95% CI] |", "|---|---|---|---|---|---|"]
+    for cell in sorted(cells, key=lambda c: (c["task"], c["rows"], c["method"] != "dense", c["budget"], c["method"])):
+        base = dense.get((cell["task"], cell["rows"]))
+        if cell["method"] == "dense" or base is None:
+            continue
+        diff = paired_difference([(item_results(cell, "after"), item_results(base, "after"))])
+        tie = " tie" if diff.tie else ""
+        lines.append(f"| {cell['task']} | {cell['rows']} | {label(cell)} | {primary(cell, 'after'):.1f} | "
+                     f"{primary(base, 'after'):.1f} | {diff}{tie} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def early_loss(cell: dict[str, Any]) -> float | None:
+    curve = cell.get("recovery_loss")
+    if not curve:
+        return None
+    head = curve[: max(1, round(EARLY * len(curve)))]
+    return sum(head) / len(head)
+
+
+def learnability(cells: list[dict[str, Any]]) -> str:
+    """Spearman over pruned cells of the final drop against (a) the guard's KL before recovery and
+    (b) the early recovery loss minus the dense model's early loss on the same rows in the same order."""
+    dense = {(c["task"], c["rows"]): c for c in cells if c["method"] == "dense"}
+    points = []
+    for cell in cells:
+        base = dense.get((cell["task"], cell["rows"]))
+        if cell["method"] == "dense" or base is None or early_loss(cell) is None or early_loss(base) is None:
+            continue
+        drop = primary(base, "after") - primary(cell, "after")
+        points.append((cell["guard"]["kl"], early_loss(cell) - early_loss(base), drop))
+    if len(points) < 3:
+        return f"{len(points)} pruned cells with loss curves: too few for a rank correlation"
+    kl, early, drop = zip(*points)
+    early_rho = spearman(drop, early)
+    return (f"{len(points)} pruned cells: Spearman(drop, guard KL) = {spearman(drop, kl):.2f}; Spearman(drop, "
+            f"early recovery loss - dense's, first {EARLY:.0%} of steps) = {early_rho:.2f}")  # fmt: skip
+
+
+def plot(cells: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({c["task"] for c in cells})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        for cell in cells:
+            if cell["task"] == task and not cell.get("healing"):
+                series[label(cell)].append((cell["rows"], primary(cell, "after")))
+        for name, points in sorted(series.items(), key=lambda kv: (kv[0] != "dense", kv[0])):
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", label=name, color="black" if name == "dense" else None)
+        ax.set_xscale("log")
+        ax.set_xlabel("training rows (one epoch of LoRA)")
+        ax.set_ylabel(f"{task} accuracy after recovery (%)")
+        ax.set_title(task)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, required=True)
+    parser.add_argument("--split", default="val", choices=["val", "test"])
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+    cells = load_cells(args.runs, args.split)
+    print(rows_table(cells))
+    print()
+    print(learnability(cells))
+    if args.plot:
+        plot(cells, args.plot)
+
+
+if __name__ == "__main__":
+    main()
