@@ -54,6 +54,24 @@ def rows_table(cells: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def healing_table(cells: list[dict[str, Any]]) -> str:
+    """Each healed cell against the same method unhealed (same task, rows and layers), before and after
+    recovery, with the guard's KL of both."""
+    plain = {(c["task"], c["rows"], c["budget"], c["method"]): c for c in cells if not c.get("healing")}
+    lines = ["| task | rows | model | before recovery | after recovery | healed - plain, after [95% CI] | guard KL |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for cell in cells:
+        base = plain.get((cell["task"], cell["rows"], cell["budget"], cell["method"].split(":")[0]))
+        if not cell.get("healing") or base is None:
+            continue
+        diff = paired_difference([(item_results(cell, "after"), item_results(base, "after"))])
+        before = f"{primary(base, 'before'):.1f} -> {primary(cell, 'before'):.1f}" if cell.get("before") else "-"
+        lines.append(f"| {cell['task']} | {cell['rows']} | {label(cell)} | {before} | {primary(base, 'after'):.1f} -> "
+                     f"{primary(cell, 'after'):.1f} | {diff}{' tie' if diff.tie else ''} | "
+                     f"{base['guard']['kl']:.2f} -> {cell['guard']['kl']:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def early_loss(cell: dict[str, Any]) -> float | None:
     curve = cell.get("recovery_loss")
     if not curve:
@@ -87,7 +105,10 @@ def plot(cells: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = sorted({c["task"] for c in cells})
+    counts = defaultdict(set)
+    for cell in cells:
+        counts[cell["task"]].add(cell["rows"])
+    tasks = sorted(t for t, rows in counts.items() if len(rows) > 1)  # a curve needs two row counts
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         series: dict[str, list[tuple[int, float]]] = defaultdict(list)
@@ -98,6 +119,8 @@ def plot(cells: list[dict[str, Any]], path: Path) -> None:
             xs, ys = zip(*sorted(points))
             ax.plot(xs, ys, marker="o", label=name, color="black" if name == "dense" else None)
         ax.set_xscale("log")
+        ax.set_xticks(sorted(counts[task]), [str(r) for r in sorted(counts[task])])
+        ax.minorticks_off()
         ax.set_xlabel("training rows (one epoch of LoRA)")
         ax.set_ylabel(f"{task} accuracy after recovery (%)")
         ax.set_title(task)
@@ -115,6 +138,8 @@ def main() -> None:
     args = parser.parse_args()
     cells = load_cells(args.runs, args.split)
     print(rows_table(cells))
+    print()
+    print(healing_table(cells))
     print()
     print(learnability(cells))
     if args.plot:
