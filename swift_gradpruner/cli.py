@@ -211,7 +211,9 @@ def _add_eval_parser(commands) -> None:
                     "winogrande,boolq or all (default)")  # fmt: skip
     ev.add_argument("--budgets", default="6,12", help="layers removed, comma-separated (default: %(default)s)")
     ev.add_argument("--methods", nargs="+", default=["dense", "igia", "gradprune", "block_influence", "angular",
-                    "last", "random:seed=0", "random:seed=1"], help="methods (default: %(default)s)")  # fmt: skip
+                    "last", "random:seed=0", "random:seed=1"], help="methods, each NAME or NAME:key=value,... e.g. "
+                    "igia:steps=32, block_influence:heal=seam (seam healing, docs/evaluation.md) (default: "
+                    "%(default)s)")  # fmt: skip
     ev.add_argument("--split", choices=["val", "test"], default="val", help="evaluated split (default: val; "
                     "choose on val, read test once per final configuration)")  # fmt: skip
     ev.add_argument("--sealed", choices=["test"], nargs="*", default=[], help="also score this split after the "

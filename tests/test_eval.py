@@ -96,6 +96,11 @@ def test_method_specs():
         harness.parse_method("shortgpt")
     with pytest.raises(ValueError):
         harness.parse_method("igia:topp=3")
+    for bad in ("heal=ridge", "heal=seam,heal_scope=attn", "heal=seam,heal_loss=l1", "heal=seam,heal_steps=0",
+                "heal=seam,heal_rows=2.5", "heal=seam,heal_lr=-1"):  # fmt: skip
+        with pytest.raises(ValueError, match=bad.split(",")[-1].split("=")[0]):
+            harness.parse_method(f"block_influence:{bad}")
+    assert harness.parse_method("block_influence:heal=seam,heal_lr=1e-3").heal["lr"] == 1e-3
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,15 @@ class Method:
             return None
         if self.options["heal"] != "seam":
             raise ValueError(f"heal={self.options['heal']!r} in {self.spec!r}: the only healing is heal=seam")
+        from ..healing import LOSSES, SCOPES
+
         settings = {k: self.options.get(k, v) for k, v in HEAL_DEFAULTS.items()}
+        allowed = {"heal_loss": LOSSES, "heal_scope": SCOPES}
+        for key, value in settings.items():
+            bad = value not in allowed[key] if key in allowed else not (isinstance(value, (int, float)) and value > 0)
+            if bad or (key in ("heal_steps", "heal_rows") and not isinstance(value, int)):
+                wanted = " or ".join(allowed[key]) if key in allowed else "a positive number"
+                raise ValueError(f"{key}={value!r} in {self.spec!r}: use {wanted}")
         return {k.removeprefix("heal_"): v for k, v in settings.items()}
 
     @property
