@@ -26,7 +26,7 @@ from torch import nn
 
 from .architecture import decoder_layers, final_norm
 from .damage import Head, kl_sum
-from .measures import Batch, NonFiniteError, final_hidden, loss_sum, reference_of
+from .measures import Batch, NonFiniteError, final_hidden, hidden_entering, hidden_leaving, loss_sum, reference_of
 from .surgery import layers_view
 
 GREEDY_MEASURES = ("kl", "skip_loss")
@@ -40,12 +40,12 @@ def _layer_inputs(model: nn.Module, batch: Batch, kept: Sequence[int]) -> dict[i
     for j in kept:
 
         def grab(module, args, kwargs, j=j):
-            seen[j] = (args[0] if args else kwargs["hidden_states"]).detach()
+            seen[j] = hidden_entering(args, kwargs).detach()
 
         hooks.append(layers[j].register_forward_pre_hook(grab, with_kwargs=True))
 
     def grab_out(module, args, output):
-        seen[-1] = (output[0] if isinstance(output, tuple) else output).detach()
+        seen[-1] = hidden_leaving(output).detach()
 
     hooks.append(layers[kept[-1]].register_forward_hook(grab_out))
     try:
@@ -169,8 +169,7 @@ def block_influence(model: nn.Module, batches: Sequence[Batch]) -> list[float]:
     for j, layer in enumerate(layers):
 
         def measure(module, args, kwargs, output, j=j):
-            entering = args[0] if args else kwargs["hidden_states"]
-            leaving = output[0] if isinstance(output, tuple) else output
+            entering, leaving = hidden_entering(args, kwargs), hidden_leaving(output)
             cos = nn.functional.cosine_similarity(entering.float(), leaving.float(), dim=-1)
             sums[j] += float(cos[real.to(cos.device)].sum())
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .architecture import decoder_layers
-from .measures import Batch, evaluating, final_hidden
+from .measures import Batch, evaluating, final_hidden, hidden_entering, hidden_leaving
 
 LOSSES = ("cosine", "mse")
 SCOPES = ("layer", "mlp_out")
@@ -46,13 +46,13 @@ class SeamRows:
     real: torch.Tensor
     """Boolean mask of the real (not padding) tokens."""
     kwargs: dict = field(default_factory=dict)
-    """The other arguments the decoder passed to the block's first layer (masks, rotary embeddings)."""
+    """The other arguments the decoder passed to the trained layer (masks, rotary embeddings)."""
 
 
 def seams_of(num_layers: int, removed: Sequence[int]) -> list[Seam]:
     """One seam per contiguous run of ``removed`` layers."""
-    gone = sorted(set(removed))
-    kept = [j for j in range(num_layers) if j not in set(gone)]
+    gone = set(removed)
+    kept = [j for j in range(num_layers) if j not in gone]
     if not kept:
         raise ValueError("cannot heal a model with every layer removed")
     out: list[Seam] = []
@@ -79,14 +79,14 @@ def dense_rows(dense: nn.Module, batches: Sequence[Batch], seams: Sequence[Seam]
     for s, seam in enumerate(seams):
 
         def enter(module, args, kwargs, s=s):
-            current.setdefault(s, {})["entering"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+            current.setdefault(s, {})["entering"] = hidden_entering(args, kwargs).detach().clone()
 
         def arguments(module, args, kwargs, s=s):
             rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             current.setdefault(s, {})["kwargs"] = _detached(rest)
 
         def leave(module, args, output, s=s):
-            current.setdefault(s, {})["leaving"] = (output[0] if isinstance(output, tuple) else output).detach().clone()
+            current.setdefault(s, {})["leaving"] = hidden_leaving(output).detach().clone()
 
         hooks.append(layers[seam.first].register_forward_pre_hook(enter, with_kwargs=True))
         hooks.append(layers[seam.layer].register_forward_pre_hook(arguments, with_kwargs=True))
@@ -128,8 +128,7 @@ def trainable(layer: nn.Module, scope: str) -> list[nn.Parameter]:
 
 
 def layer_output(layer: nn.Module, rows: SeamRows) -> torch.Tensor:
-    out = layer(rows.entering, **rows.kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    return hidden_leaving(layer(rows.entering, **rows.kwargs))
 
 
 def heal_seams(

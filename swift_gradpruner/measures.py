@@ -35,6 +35,16 @@ class NonFiniteError(GradPruneConfigError):
     """A removal measure came out NaN or infinite (e.g. float16 overflow)."""
 
 
+def hidden_entering(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden state a decoder layer was called with (from a forward pre-hook's args/kwargs)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def hidden_leaving(output) -> torch.Tensor:
+    """The hidden state a decoder layer returned (a tensor, or the first item of a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The decoder stack (returns final hidden states) and the LM head of a causal LM (peft or not)."""
     return model.get_decoder(), model.get_output_embeddings()

@@ -52,11 +52,14 @@ class Method:
         from ..healing import LOSSES, SCOPES
 
         settings = {k: self.options.get(k, v) for k, v in HEAL_DEFAULTS.items()}
-        allowed = {"heal_loss": LOSSES, "heal_scope": SCOPES}
+        checks = {"heal_loss": (lambda v: v in LOSSES, " or ".join(LOSSES)),
+                  "heal_scope": (lambda v: v in SCOPES, " or ".join(SCOPES)),
+                  "heal_steps": (lambda v: isinstance(v, int) and v > 0, "a positive whole number"),
+                  "heal_rows": (lambda v: isinstance(v, int) and v > 0, "a positive whole number"),
+                  "heal_lr": (lambda v: isinstance(v, (int, float)) and v > 0, "a positive number")}  # fmt: skip
         for key, value in settings.items():
-            bad = value not in allowed[key] if key in allowed else not (isinstance(value, (int, float)) and value > 0)
-            if bad or (key in ("heal_steps", "heal_rows") and not isinstance(value, int)):
-                wanted = " or ".join(allowed[key]) if key in allowed else "a positive number"
+            ok, wanted = checks[key]
+            if not ok(value):
                 raise ValueError(f"{key}={value!r} in {self.spec!r}: use {wanted}")
         return {k.removeprefix("heal_"): v for k, v in settings.items()}
 
