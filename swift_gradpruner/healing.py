@@ -10,6 +10,9 @@ weights (all of them, or only its MLP output projection) with Adam so that ``lay
 are the dense model's (teacher forcing), so the seams are fitted independently of each other.
 
 The result is still a plain checkpoint of the same architecture: only existing weights change.
+
+``full_modules`` names the other healing tried (issue 26 (c)): the recovery fine-tune trains the layers at
+the cuts (or the last layers and the final norm) in full beside LoRA, as swift's ``--modules_to_save`` does.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .architecture import decoder_layers
+from .architecture import decoder_layers, final_norm, layers_prefix
 from .measures import Batch, evaluating, final_hidden, hidden_entering, hidden_leaving
 
 LOSSES = ("cosine", "mse")
 SCOPES = ("layer", "mlp_out")
+FULL = ("seams", "last")
+"""What recovery may train in full beside LoRA: the kept layer at each cut, or the last two layers and the norm."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,21 @@ def seams_of(num_layers: int, removed: Sequence[int]) -> list[Seam]:
             out.append(Seam(layer, min(layer, start), max(layer, run_last)))
             start = None
     return out
+
+
+def full_modules(model: nn.Module, removed: Sequence[int], num_layers: int, which: str) -> list[str]:
+    """Module names in the pruned ``model`` (``removed`` of ``num_layers`` gone) that recovery trains in
+    full beside LoRA (peft's ``modules_to_save``; swift's ``--modules_to_save``, the same names):
+    ``seams``, the kept layer standing in for each removed run (``seams_of``); ``last``, the last two
+    layers and the final norm."""
+    if which not in FULL:
+        raise ValueError(f"full={which!r}: use {' or '.join(FULL)}")
+    kept = [j for j in range(num_layers) if j not in set(removed)]
+    prefix = layers_prefix(model)
+    if which == "seams":
+        return [f"{prefix}{kept.index(seam.layer)}" for seam in seams_of(num_layers, removed)]
+    norm = next(name for name, module in model.named_modules() if module is final_norm(model))
+    return [f"{prefix}{i}" for i in range(max(0, len(kept) - 2), len(kept))] + [norm]
 
 
 @torch.no_grad()

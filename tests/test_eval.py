@@ -101,6 +101,10 @@ def test_method_specs():
         with pytest.raises(ValueError, match=bad.split(",")[-1].split("=")[0]):
             harness.parse_method(f"block_influence:{bad}")
     assert harness.parse_method("block_influence:heal=seam,heal_lr=1e-3").heal["lr"] == 1e-3
+    for bad in ("block_influence:full=norm", "dense:full=seams"):
+        with pytest.raises(ValueError, match="full="):
+            harness.parse_method(bad)
+    assert harness.parse_method("block_influence:full=last").config(6) == harness.parse_method("block_influence").config(6)
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +196,36 @@ def test_seam_healing_cells_heal_the_layers_the_plain_cell_removed(tiny_dir, tmp
     assert all(r["loss_after"] < r["loss_before"] for r in healed["healing"])
     assert healed["guard"]["kl"] != plain["guard"]["kl"]  # the guard measured the healed model
     assert harness.parse_method(specs[1]).config(2).to_dict() == harness.parse_method(specs[0]).config(2).to_dict()
+
+
+def test_full_layers_are_trained_in_full_beside_lora(tiny_dir, tokenizer, tmp_path):
+    """modules_to_save: the named layers' every weight (norms included) moves, the other layers' norms do not
+    (LoRA touches only linears), and the result is a plain model again."""
+    from transformers import AutoModelForCausalLM
+
+    from swift_gradpruner.evaluation.finetune import lora_finetune
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    examples = [item.answer for item in load_task("sst2", "train", 8, chat=True)]
+    trained = lora_finetune(model, tokenizer, examples, Recipe(batch_size=4, max_length=96, learning_rate=1e-2),
+                            chat=True, modules_to_save=["model.layers.3"])  # fmt: skip
+    after = trained.state_dict()
+    assert set(after) == set(before)  # no peft wrapper names left
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert {k for k in before if k.startswith("model.layers.3.")} <= moved
+    assert not {k for k in moved if "layernorm" in k and not k.startswith("model.layers.3.")}
+    assert {k for k in moved if k.startswith("model.layers.1.")}  # LoRA merged into the other layers' linears
+
+    sizes = harness.Sizes(train_rows=8, eval_items=4, test_items=4, calibration_rows=4, guard_rows=4)
+    specs = ("block_influence", "block_influence:full=seams")
+    plain, full = [harness.run_eval(tiny_dir, ["sst2"], [2], [harness.parse_method(m)], tmp_path / str(i),
+                                    sizes=sizes, recipe=Recipe(batch_size=4, max_length=96), show_progress=False)[0]
+                   for i, m in enumerate(specs)]  # fmt: skip
+    assert full["removed"] == plain["removed"] and "full_trained" not in plain
+    kept = [j for j in range(5) if j not in full["removed"]]
+    assert full["full_trained"] == [f"model.layers.{kept.index(s.layer)}" for s in healing.seams_of(5, full["removed"])]
+    assert full["after"]["loss"] != plain["after"]["loss"]
 
 
 def test_chat_rows_are_encoded_as_swift_encodes_them(tiny_dir, tokenizer):

@@ -116,3 +116,18 @@ def test_bad_settings_name_the_value():
         healing.seam_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.ones(1, 2, dtype=torch.bool), "huber")
     with pytest.raises(ValueError, match="'attn'"):
         healing.trainable(nn.Linear(2, 2), "attn")
+
+
+@pytest.mark.parametrize("removed", [[2, 3], [0, 1], [5], [1, 4], [0, 5]])
+def test_full_modules_name_the_kept_layers_at_the_cuts_in_the_pruned_model(removed):
+    model = build_model("llama", num_layers=NUM_LAYERS, vocab_size=128, seed=3)
+    original = list(decoder_layers(model))
+    remove_layers(model, removed)
+    seams = healing.full_modules(model, removed, NUM_LAYERS, "seams")
+    # brute force: each name resolves to the very layer object that stood next to a removed run
+    assert [model.get_submodule(n) for n in seams] == [original[s.layer] for s in healing.seams_of(NUM_LAYERS, removed)]
+    last = healing.full_modules(model, removed, NUM_LAYERS, "last")
+    kept = [layer for j, layer in enumerate(original) if j not in removed]
+    assert [model.get_submodule(n) for n in last] == [*kept[-2:], model.model.norm]
+    with pytest.raises(ValueError, match="full='norm'"):
+        healing.full_modules(model, removed, NUM_LAYERS, "norm")

@@ -106,9 +106,11 @@ def lora_finetune(
     on_backward: Callable[[nn.Module], None] | None = None,
     progress: Callable[[int, float], None] | None = None,
     chat: bool = False,
+    modules_to_save: Sequence[str] = (),
 ) -> nn.Module:
     """LoRA-train ``model`` (all linears of the decoder) on ``examples`` and return it with the LoRA
-    weights merged (a plain model again).
+    weights merged (a plain model again). ``modules_to_save`` (module names) are trained in full instead,
+    as peft's (and swift's) ``modules_to_save`` do.
 
     ``steps`` defaults to ``recipe.epochs`` passes over the examples. The learning rate warms up
     linearly over ``warmup_ratio`` of the steps, then decays linearly to 0 (or stays constant with
@@ -118,7 +120,8 @@ def lora_finetune(
 
     total = steps if steps is not None else steps_for(len(examples), recipe)
     torch.manual_seed(recipe.seed)
-    lora = LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
+    lora = LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+                      modules_to_save=list(modules_to_save) or None)  # fmt: skip
     peft_model = get_peft_model(model, lora)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=0.0)

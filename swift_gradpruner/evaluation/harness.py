@@ -135,9 +135,14 @@ def run_cell(method: Method, budget: int, cache: TaskCache, stage: Callable[[str
     cell["before"] = timed("score before", lambda: measure(model, cache, [reported]))
     if cache.recipe.epochs > 0:
         curve: list[float] = []
+        if method.full:
+            from ..healing import full_modules
+
+            cell["full_trained"] = full_modules(model, cell["removed"], cell["num_layers"], method.full)
         model = timed("recovery", lambda: lora_finetune(model, cache.tokenizer, cache.data.examples, cache.recipe,
                                                         progress=lambda _, loss: curve.append(round(loss, 5)),
-                                                        chat=cache.data.chat))  # fmt: skip
+                                                        chat=cache.data.chat,
+                                                        modules_to_save=cell.get("full_trained", ())))  # fmt: skip
         cell["recovery_loss"] = curve
         cell["after"] = timed("score after", lambda: measure(model, cache))
     else:

@@ -24,7 +24,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 merging. ``name:key=value,...`` changes a setting, e.g. ``igia:steps=32`` or ``kl:calibration_rows=64``;
 ``prune_layers=auto`` lets the quality guard choose the count, with the cell's budget as its ceiling.
 ``heal=seam`` (with ``heal_steps``, ``heal_lr``, ``heal_loss``, ``heal_scope``, ``heal_rows``) fits the kept
-layer next to each removed run to the dense model's hidden states after pruning (healing.py)."""
+layer next to each removed run to the dense model's hidden states after pruning (healing.py). ``full=seams``
+(or ``full=last``) trains the kept layer at each cut (or the last two layers and the final norm) in full
+during the recovery fine-tune, beside LoRA: swift's ``--modules_to_save`` (healing.full_modules)."""
 
 HEAL_DEFAULTS: dict[str, Any] = {"heal_steps": 200, "heal_lr": 3e-4, "heal_loss": "cosine", "heal_scope": "layer",
                                  "heal_rows": 64}  # fmt: skip
@@ -64,13 +66,23 @@ class Method:
         return {k.removeprefix("heal_"): v for k, v in settings.items()}
 
     @property
+    def full(self) -> str | None:
+        """Which layers recovery trains in full beside LoRA (healing.FULL), or None."""
+        which = self.options.get("full")
+        from ..healing import FULL
+
+        if which is not None and (which not in FULL or not self.pruned):
+            raise ValueError(f"full={which!r} in {self.spec!r}: use full={' or full='.join(FULL)} on a pruning method")
+        return which
+
+    @property
     def auto(self) -> bool:
         return self.options.get("prune_layers") == "auto"
 
     def config(self, budget: int, num_layers: int = 30) -> GradPruneConfig:
         """The GradPruneConfig of this method at ``budget`` removed layers (not for dense/random); with
         ``prune_layers=auto``, ``budget`` of the ``num_layers`` (equal-sized) layers is the ceiling."""
-        options = {k: v for k, v in self.options.items() if k != "heal" and k not in HEAL_DEFAULTS}
+        options = {k: v for k, v in self.options.items() if k not in ("heal", "full") and k not in HEAL_DEFAULTS}
         if options.get("merge_layers") == "paper":  # the paper's 3-of-13 share (GradPruneConfig's default)
             options["merge_layers"] = None
         if self.auto:
@@ -103,7 +115,8 @@ def parse_method(spec: str) -> Method:
     method = Method(spec=spec, name=name, options=options)
     if name not in ("dense", "random"):
         method.config(12)  # validates the options now, not hours into a sweep
-        _ = method.heal  # so is the healing setting
+        _ = method.heal  # so are the healing settings
+    _ = method.full
     return method
 
 
