@@ -104,7 +104,8 @@ def test_method_specs():
     for bad in ("block_influence:full=norm", "dense:full=seams"):
         with pytest.raises(ValueError, match="full="):
             harness.parse_method(bad)
-    assert harness.parse_method("block_influence:full=last").config(6) == harness.parse_method("block_influence").config(6)
+    full, plain = (harness.parse_method(m) for m in ("block_influence:full=last", "block_influence"))
+    assert full.config(6) == plain.config(6) and full.full == "last" and plain.full is None
 
 
 @pytest.fixture(scope="module")
