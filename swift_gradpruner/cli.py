@@ -212,8 +212,8 @@ def _add_eval_parser(commands) -> None:
     ev.add_argument("--budgets", default="6,12", help="layers removed, comma-separated (default: %(default)s)")
     ev.add_argument("--methods", nargs="+", default=["dense", "igia", "gradprune", "block_influence", "angular",
                     "last", "random:seed=0", "random:seed=1"], help="methods, each NAME or NAME:key=value,... e.g. "
-                    "igia:steps=32, block_influence:heal=seam (seam healing) or block_influence:full=seams (recovery trains "
-                    "the layers at the cuts in full; docs/evaluation.md) (default: "
+                    "igia:steps=32, block_influence:heal=seam (seam healing) or block_influence:full=seams "
+                    "(recovery trains the layers at the cuts in full; docs/evaluation.md) (default: "
                     "%(default)s)")  # fmt: skip
     ev.add_argument("--split", choices=["val", "test"], default="val", help="evaluated split (default: val; "
                     "choose on val, read test once per final configuration)")  # fmt: skip
