@@ -35,6 +35,11 @@ def load_cells(runs: Path, split: str) -> list[dict[str, Any]]:
     return cells
 
 
+def variant(cell: dict[str, Any]) -> bool:
+    """A cell that changed the recovery of a method: seam healing or cut layers trained in full."""
+    return bool(cell.get("healing") or cell.get("full_trained"))
+
+
 def label(cell: dict[str, Any]) -> str:
     return "dense" if cell["method"] == "dense" else f"{cell['method']} {cell['budget']}/{cell['num_layers']}"
 
@@ -45,7 +50,7 @@ def rows_table(cells: list[dict[str, Any]]) -> str:
     lines = ["| task | rows | model | accuracy | dense | vs dense [95% CI] |", "|---|---|---|---|---|---|"]
     for cell in sorted(cells, key=lambda c: (c["task"], c["rows"], c["method"] != "dense", c["budget"], c["method"])):
         base = dense.get((cell["task"], cell["rows"]))
-        if cell["method"] == "dense" or base is None:
+        if cell["method"] == "dense" or base is None or variant(cell):
             continue
         diff = paired_difference([(item_results(cell, "after"), item_results(base, "after"))])
         tie = " tie" if diff.tie else ""
@@ -55,14 +60,14 @@ def rows_table(cells: list[dict[str, Any]]) -> str:
 
 
 def healing_table(cells: list[dict[str, Any]]) -> str:
-    """Each healed cell against the same method unhealed (same task, rows and layers), before and after
-    recovery, with the guard's KL of both."""
-    plain = {(c["task"], c["rows"], c["budget"], c["method"]): c for c in cells if not c.get("healing")}
+    """Each healed cell (seam healing, or cut layers trained in full) against the same method without it
+    (same task, rows and layers), before and after recovery, with the guard's KL of both."""
+    plain = {(c["task"], c["rows"], c["budget"], c["method"]): c for c in cells if not variant(c)}
     lines = ["| task | rows | model | before recovery | after recovery | healed - plain, after [95% CI] | guard KL |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for cell in cells:
         base = plain.get((cell["task"], cell["rows"], cell["budget"], cell["method"].split(":")[0]))
-        if not cell.get("healing") or base is None:
+        if not variant(cell) or base is None:
             continue
         diff = paired_difference([(item_results(cell, "after"), item_results(base, "after"))])
         before = f"{primary(base, 'before'):.1f} -> {primary(cell, 'before'):.1f}" if cell.get("before") else "-"
@@ -113,7 +118,7 @@ def plot(cells: list[dict[str, Any]], path: Path) -> None:
     for ax, task in zip(axes[0], tasks):
         series: dict[str, list[tuple[int, float]]] = defaultdict(list)
         for cell in cells:
-            if cell["task"] == task and not cell.get("healing"):
+            if cell["task"] == task and not variant(cell):
                 series[label(cell)].append((cell["rows"], primary(cell, "after")))
         for name, points in sorted(series.items(), key=lambda kv: (kv[0] != "dense", kv[0])):
             xs, ys = zip(*sorted(points))
