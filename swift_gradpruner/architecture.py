@@ -83,14 +83,18 @@ def lm_head(model: nn.Module) -> nn.Module:
     return model.get_output_embeddings()
 
 
+def module_name(model: nn.Module, part: nn.Module) -> str:
+    """The module path of ``part`` inside ``model`` (as in parameter and checkpoint names)."""
+    for name, module in model.named_modules():
+        if module is part:
+            return name
+    raise UnsupportedModelError(f"{type(part).__name__} is not among the modules of {type(model).__name__}")
+
+
 def layers_prefix(model: nn.Module) -> str:
     """Module path of the decoder layers followed by a dot, as in parameter and checkpoint names:
     ``model.layers.`` (causal LMs), ``model.language_model.layers.`` (Qwen2.5-VL in transformers 5)."""
-    layers = decoder_layers(model)
-    for name, module in model.named_modules():
-        if module is layers:
-            return f"{name}."
-    raise UnsupportedModelError(f"the decoder layers of {type(model).__name__} are not among its modules")
+    return f"{module_name(model, decoder_layers(model))}."
 
 
 def linears(layer: nn.Module) -> dict[str, nn.Linear]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .architecture import decoder_layers, final_norm, layers_prefix
+from .architecture import decoder_layers, final_norm, layers_prefix, module_name
 from .measures import Batch, evaluating, final_hidden, hidden_entering, hidden_leaving
 
 LOSSES = ("cosine", "mse")
@@ -80,12 +80,12 @@ def full_modules(model: nn.Module, removed: Sequence[int], num_layers: int, whic
     layers and the final norm."""
     if which not in FULL:
         raise ValueError(f"full={which!r}: use {' or '.join(FULL)}")
-    kept = [j for j in range(num_layers) if j not in set(removed)]
+    gone = set(removed)
+    kept = [j for j in range(num_layers) if j not in gone]
     prefix = layers_prefix(model)
     if which == "seams":
         return [f"{prefix}{kept.index(seam.layer)}" for seam in seams_of(num_layers, removed)]
-    norm = next(name for name, module in model.named_modules() if module is final_norm(model))
-    return [f"{prefix}{i}" for i in range(max(0, len(kept) - 2), len(kept))] + [norm]
+    return [f"{prefix}{i}" for i in range(max(0, len(kept) - 2), len(kept))] + [module_name(model, final_norm(model))]
 
 
 @torch.no_grad()
