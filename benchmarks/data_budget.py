@@ -16,9 +16,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from swift_gradpruner.evaluation.cells import item_results, primary
 from swift_gradpruner.evaluation.guard_calibration import spearman
 from swift_gradpruner.evaluation.intervals import paired_difference
-from swift_gradpruner.evaluation.summary import item_results, primary
 
 EARLY = 0.1
 """Share of the recovery fine-tune's first steps whose mean loss is the early-loss measure."""

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .summary import primary
+from .cells import primary
 
 DAMAGED = 5.0
 """A cell that lost more than this many points after recovery should be warned on."""

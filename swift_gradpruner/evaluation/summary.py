@@ -9,18 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config import GradPruneConfig
+from .cells import item_results, primary
+from .guard_calibration import markdown as guard_markdown
 from .intervals import RESAMPLES, paired_difference
-
-
-def primary(cell: dict[str, Any], when: str) -> float:
-    """The task's reported metric (acc or acc_norm), in percent, before or after recovery."""
-    return 100 * cell[when][cell["metric"]]
-
-
-def item_results(cell: dict[str, Any], when: str) -> list[int] | None:
-    """1/0 per item of the task's metric (None for cells written before items were kept)."""
-    scores = cell.get(when) or {}
-    return scores.get("correct_norm" if cell["metric"] == "acc_norm" else "correct")
 
 
 def difference(cells: Sequence[dict[str, Any]], a: tuple[str, int], b: tuple[str, int], when: str = "after"):
@@ -103,9 +95,6 @@ def markdown(cells: Sequence[dict[str, Any]], split: str) -> str:
         before = sum(p[0] for p in pairs) / len(pairs)
         after = sum(p[1] for p in pairs) / len(pairs)
         lines.append(f"| {method} | {budget} | {before:.3f} | {after:.3f} |".replace("nan", "-"))
-    from ..config import GradPruneConfig
-    from .guard_calibration import markdown as guard_markdown
-
     lines += ["", *guard_markdown(cells, GradPruneConfig().max_kl)]
     lines += ["## Layers removed", "", "| task | method | removed | merged (layer -> into) |", "|---|---|---|---|"]
     for cell in cells:

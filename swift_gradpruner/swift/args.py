@@ -17,6 +17,10 @@ from ..config import GradPruneConfig, GradPruneConfigError
 FLAG = "--gradprune"
 TRUE = {"true", "1", "yes", "y", "on"}
 FALSE = {"false", "0", "no", "n", "off"}
+RAY_REFUSED = (
+    "--use_ray is not supported with --gradprune: GradPruner runs its phases in the training processes "
+    "that swift starts; launch without Ray (torchrun: NPROC_PER_NODE / NNODES)"
+)
 
 
 def is_gradprune_token(token: str) -> bool:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from importlib.metadata import version
 
 from ..config import GradPruneConfig, GradPruneConfigError
-from .args import parse_gradprune, split_argv
+from .args import RAY_REFUSED, parse_gradprune, split_argv
 
 SUPPORTED_SWIFT = ("4.6",)
 """ms-swift minor versions whose trainer and pipeline internals this adapter was verified against."""
@@ -67,12 +67,6 @@ def refuse_ray(stock_try_init_ray: Callable, argv: list[str]) -> Callable:
         return stock_try_init_ray()
 
     return try_init_ray
-
-
-RAY_REFUSED = (
-    "--use_ray is not supported with --gradprune: GradPruner runs its phases in the training processes "
-    "that swift starts; launch without Ray (torchrun: NPROC_PER_NODE / NNODES)"
-)
 
 
 def _flag_true(argv: list[str], flag: str) -> bool:

@@ -12,6 +12,7 @@ from ..architecture import auto_class, check_supported, decoder_layers, layers_p
 from ..config import IGIA_SCORES, GradPruneConfig, GradPruneConfigError
 from ..coverage import check_igia_comparable
 from ..selection import layers_to_remove
+from .args import RAY_REFUSED
 
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".txt", ".parquet", ".arrow")
 
@@ -89,8 +90,6 @@ def preflight(args, config: GradPruneConfig) -> ModelFacts:
             "GradPruner reads them through DeepSpeed's API): use --deepspeed zero2 or zero3"
         )
     if getattr(args, "use_ray", False):  # `swift sft` stops earlier (entry.refuse_ray); this is for the API
-        from .entry import RAY_REFUSED
-
         raise GradPruneConfigError(RAY_REFUSED)
     if args.cached_dataset:
         raise GradPruneConfigError(
