@@ -2,10 +2,11 @@
 training rows, dense and pruned, with paired-bootstrap intervals; and whether the recovery fine-tune's
 first steps predict the final drop better than the guard's KL does.
 
-Reads ``gradprune eval`` output folders named ``<task>-<rows>`` under ``--runs`` (one per task and
-training-row count; see docs/accuracy.md for the commands that make them).
+Reads every ``gradprune eval`` output folder under the ``--runs`` folders (one per model, task and
+training-row count; see docs/accuracy.md for the commands that make them); cells are compared within
+one model and task.
 
-Run: python benchmarks/data_budget.py --runs runs/budget --split val [--plot docs/img/data_budget.png]
+Run: python benchmarks/data_budget.py --runs runs/budget runs/gemma-budget --split val [--plot docs/img/data_budget.png]
 """
 
 from __future__ import annotations
@@ -24,15 +25,24 @@ EARLY = 0.1
 """Share of the recovery fine-tune's first steps whose mean loss is the early-loss measure."""
 
 
-def load_cells(runs: Path, split: str) -> list[dict[str, Any]]:
-    """Every finished cell of ``split`` under ``runs/<task>-<rows>/cells``, with its ``rows``."""
+def load_cells(runs: list[Path], split: str) -> list[dict[str, Any]]:
+    """Every finished cell of ``split`` under ``runs``, with its training ``rows`` and ``model_name``."""
     cells = []
-    for folder in sorted(runs.glob("*-*")):
-        for path in sorted(folder.glob(f"cells/*/*.{split}.json")):
-            cell = json.loads(path.read_text(encoding="utf-8"))
-            cell["rows"] = cell["sizes"]["train_rows"]
-            cells.append(cell)
+    for path in sorted(p for folder in runs for p in folder.glob(f"**/cells/*/*.{split}.json")):
+        cell = json.loads(path.read_text(encoding="utf-8"))
+        cell["rows"] = cell.get("trained_rows") or cell["sizes"]["train_rows"]  # fewer when the task ran short
+        cell["model_name"] = Path(cell["model"]).name
+        cells.append(cell)
     return cells
+
+
+def dense_cells(cells: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The dense cell of each (model, task, rows)."""
+    return {(c["model_name"], c["task"], c["rows"]): c for c in cells if c["method"] == "dense"}
+
+
+def dense_of(dense: dict, cell: dict[str, Any]) -> dict[str, Any] | None:
+    return dense.get((cell["model_name"], cell["task"], cell["rows"]))
 
 
 def variant(cell: dict[str, Any]) -> bool:
@@ -44,17 +54,22 @@ def label(cell: dict[str, Any]) -> str:
     return "dense" if cell["method"] == "dense" else f"{cell['method']} {cell['budget']}/{cell['num_layers']}"
 
 
+def panel(cell: dict[str, Any]) -> str:
+    return f"{cell['model_name']} {cell['task']}"
+
+
 def rows_table(cells: list[dict[str, Any]]) -> str:
     """One line per (task, rows, pruned model): dense and pruned accuracy, their paired difference."""
-    dense = {(c["task"], c["rows"]): c for c in cells if c["method"] == "dense"}
-    lines = ["| task | rows | model | accuracy | dense | vs dense [95% CI] |", "|---|---|---|---|---|---|"]
-    for cell in sorted(cells, key=lambda c: (c["task"], c["rows"], c["method"] != "dense", c["budget"], c["method"])):
-        base = dense.get((cell["task"], cell["rows"]))
+    dense = dense_cells(cells)
+    lines = ["| model, task | rows | pruned | accuracy | dense | vs dense [95% CI] |", "|---|---|---|---|---|---|"]
+    order = sorted(cells, key=lambda c: (panel(c), c["rows"], c["method"] != "dense", c["budget"], c["method"]))
+    for cell in order:
+        base = dense_of(dense, cell)
         if cell["method"] == "dense" or base is None or variant(cell):
             continue
         diff = paired_difference([(item_results(cell, "after"), item_results(base, "after"))])
         tie = " tie" if diff.tie else ""
-        lines.append(f"| {cell['task']} | {cell['rows']} | {label(cell)} | {primary(cell, 'after'):.1f} | "
+        lines.append(f"| {panel(cell)} | {cell['rows']} | {label(cell)} | {primary(cell, 'after'):.1f} | "
                      f"{primary(base, 'after'):.1f} | {diff}{tie} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -62,16 +77,16 @@ def rows_table(cells: list[dict[str, Any]]) -> str:
 def healing_table(cells: list[dict[str, Any]]) -> str:
     """Each healed cell (seam healing, or cut layers trained in full) against the same method without it
     (same task, rows and layers), before and after recovery, with the guard's KL of both."""
-    plain = {(c["task"], c["rows"], c["budget"], c["method"]): c for c in cells if not variant(c)}
-    lines = ["| task | rows | model | before recovery | after recovery | healed - plain, after [95% CI] | guard KL |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    plain = {(panel(c), c["rows"], c["budget"], c["method"]): c for c in cells if not variant(c)}
+    lines = ["| model, task | rows | pruned | before recovery | after recovery | healed - plain, after [95% CI] "
+             "| guard KL |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for cell in cells:
-        base = plain.get((cell["task"], cell["rows"], cell["budget"], cell["method"].split(":")[0]))
+        base = plain.get((panel(cell), cell["rows"], cell["budget"], cell["method"].split(":")[0]))
         if not variant(cell) or base is None:
             continue
         diff = paired_difference([(item_results(cell, "after"), item_results(base, "after"))])
         before = f"{primary(base, 'before'):.1f} -> {primary(cell, 'before'):.1f}" if cell.get("before") else "-"
-        lines.append(f"| {cell['task']} | {cell['rows']} | {label(cell)} | {before} | {primary(base, 'after'):.1f} -> "
+        lines.append(f"| {panel(cell)} | {cell['rows']} | {label(cell)} | {before} | {primary(base, 'after'):.1f} -> "
                      f"{primary(cell, 'after'):.1f} | {diff}{' tie' if diff.tie else ''} | "
                      f"{base['guard']['kl']:.2f} -> {cell['guard']['kl']:.2f} |")  # fmt: skip
     return "\n".join(lines)
@@ -86,13 +101,14 @@ def early_loss(cell: dict[str, Any]) -> float | None:
 
 
 def learnability(cells: list[dict[str, Any]]) -> str:
-    """Spearman over pruned cells of the final drop against (a) the guard's KL before recovery and
-    (b) the early recovery loss minus the dense model's early loss on the same rows in the same order."""
-    dense = {(c["task"], c["rows"]): c for c in cells if c["method"] == "dense"}
+    """Spearman over plain pruned cells (no healing variants: they share a plain cell's pruned model and
+    KL) of the final drop against (a) the guard's KL before recovery and (b) the early recovery loss minus
+    the dense model's early loss on the same rows in the same order."""
+    dense = dense_cells(cells)
     points = []
     for cell in cells:
-        base = dense.get((cell["task"], cell["rows"]))
-        if cell["method"] == "dense" or base is None or early_loss(cell) is None or early_loss(base) is None:
+        base = dense_of(dense, cell)
+        if cell["method"] == "dense" or variant(cell) or base is None or None in (early_loss(cell), early_loss(base)):
             continue
         drop = primary(base, "after") - primary(cell, "after")
         points.append((cell["guard"]["kl"], early_loss(cell) - early_loss(base), drop))
@@ -112,23 +128,25 @@ def plot(cells: list[dict[str, Any]], path: Path) -> None:
 
     counts = defaultdict(set)
     for cell in cells:
-        counts[cell["task"]].add(cell["rows"])
-    tasks = sorted(t for t, rows in counts.items() if len(rows) > 1)  # a curve needs two row counts
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+        counts[panel(cell)].add(cell["rows"])
+    panels = sorted(p for p, rows in counts.items() if len(rows) > 1)  # a curve needs two row counts
+    if not panels:
+        raise SystemExit(f"no model and task has cells at two row counts: {path} not written")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], panels):
         series: dict[str, list[tuple[int, float]]] = defaultdict(list)
         for cell in cells:
-            if cell["task"] == task and not variant(cell):
+            if panel(cell) == name and not variant(cell):
                 series[label(cell)].append((cell["rows"], primary(cell, "after")))
-        for name, points in sorted(series.items(), key=lambda kv: (kv[0] != "dense", kv[0])):
+        for line, points in sorted(series.items(), key=lambda kv: (kv[0] != "dense", kv[0])):
             xs, ys = zip(*sorted(points))
-            ax.plot(xs, ys, marker="o", label=name, color="black" if name == "dense" else None)
+            ax.plot(xs, ys, marker="o", label=line, color="black" if line == "dense" else None)
         ax.set_xscale("log")
-        ax.set_xticks(sorted(counts[task]), [str(r) for r in sorted(counts[task])])
+        ax.set_xticks(sorted(counts[name]), [str(r) for r in sorted(counts[name])])
         ax.minorticks_off()
         ax.set_xlabel("training rows (one epoch of LoRA)")
-        ax.set_ylabel(f"{task} accuracy after recovery (%)")
-        ax.set_title(task)
+        ax.set_ylabel("accuracy after recovery (%)")
+        ax.set_title(name)
         ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +155,7 @@ def plot(cells: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, required=True)
+    parser.add_argument("--runs", type=Path, nargs="+", required=True)
     parser.add_argument("--split", default="val", choices=["val", "test"])
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()

@@ -129,6 +129,7 @@ def test_eval_smoke_run_resumes(tiny_dir, tmp_path, monkeypatch):
     assert len(cells) == 2 * 4
     for cell in cells:
         assert cell["before"]["items"] == cell["after"]["items"] == 8 and cell["sizes"]["chat"] is True
+        assert cell["trained_rows"] == 8
         assert 0 <= cell["after"]["acc"] <= 1 and cell["after"]["loss"] > 0
         assert sum(cell["after"]["correct_norm"]) == round(8 * cell["after"]["acc_norm"])
         assert len(cell["after"]["correct"]) == 8
@@ -270,6 +271,15 @@ def test_cli_rejects_bad_input_in_one_line(tmp_path, capsys):
     assert main(["eval", "--output", str(tmp_path), "--model", str(tmp_path / "none")]) == 2
     assert "not a model folder" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_task_short_of_training_rows_says_so_and_records_what_it_trained_on(tiny_dir, tmp_path, capsys):
+    sizes = harness.Sizes(train_rows=200, eval_items=2, test_items=2, guard_rows=32)
+    (cell,) = harness.run_eval(tiny_dir, ["arc_challenge"], [0], [harness.parse_method("dense")], tmp_path,
+                               sizes=sizes, recipe=Recipe(batch_size=16, max_length=64), show_progress=False)  # fmt: skip
+    assert cell["trained_rows"] == 119 - 32 and cell["sizes"]["train_rows"] == 200
+    assert len(cell["recovery_loss"]) == -(-87 // 16)
+    assert "arc_challenge has 87 training rows after the guard's 32 (asked for 200)" in capsys.readouterr().out
 
 
 def test_guard_rows_are_held_out_of_training():

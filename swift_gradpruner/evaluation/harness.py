@@ -212,7 +212,11 @@ def run_eval(
     caches: dict[str, TaskCache] = {}
     for task, method, budget in todo:
         if task not in caches:
-            caches[task] = TaskCache(TaskData.load(task, splits, sizes), load, tokenizer, recipe, sizes)
+            data = TaskData.load(task, splits, sizes)
+            if len(data.train) < sizes.train_rows:
+                print(f"gradprune eval: {task} has {len(data.train)} training rows after the guard's {sizes.guard_rows} "
+                      f"(asked for {sizes.train_rows}); its cells train on {len(data.train)}", flush=True)  # fmt: skip
+            caches[task] = TaskCache(data, load, tokenizer, recipe, sizes)
         cache = caches[task]
 
         def stage(name: str, task=task, method=method, budget=budget) -> None:
@@ -224,8 +228,9 @@ def run_eval(
         for name in splits:
             settings = _settings(identity, task, name, method, budget, sizes, recipe)
             record = {**shared, **settings, "before": cell["before"].get(name), "after": cell["after"][name],
-                      "key": cell_key(settings), "total_seconds": round(time.perf_counter() - start, 1),
-                      "versions": _versions(), "device": device, "metric": TASKS[task].metric}  # fmt: skip
+                      "key": cell_key(settings), "trained_rows": len(cache.data.train),
+                      "total_seconds": round(time.perf_counter() - start, 1), "versions": _versions(),
+                      "device": device, "metric": TASKS[task].metric}  # fmt: skip
             _write(_cell_path(output, task, method, budget, name), record)
             if name == split:
                 found[(task, method.spec, budget)] = record
