@@ -101,23 +101,28 @@ def early_loss(cell: dict[str, Any]) -> float | None:
 
 
 def learnability(cells: list[dict[str, Any]]) -> str:
-    """Spearman over plain pruned cells (no healing variants: they share a plain cell's pruned model and
-    KL) of the final drop against (a) the guard's KL before recovery and (b) the early recovery loss minus
-    the dense model's early loss on the same rows in the same order."""
+    """Spearman, per model (the KL's scale differs between models), over plain pruned cells (no healing
+    variants: they share a plain cell's pruned model and KL) of the final drop against (a) the guard's KL
+    before recovery and (b) the early recovery loss minus the dense model's early loss on the same rows in
+    the same order."""
     dense = dense_cells(cells)
-    points = []
+    points: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     for cell in cells:
         base = dense_of(dense, cell)
         if cell["method"] == "dense" or variant(cell) or base is None or None in (early_loss(cell), early_loss(base)):
             continue
         drop = primary(base, "after") - primary(cell, "after")
-        points.append((cell["guard"]["kl"], early_loss(cell) - early_loss(base), drop))
-    if len(points) < 3:
-        return f"{len(points)} pruned cells with loss curves: too few for a rank correlation"
-    kl, early, drop = zip(*points)
-    early_rho = spearman(drop, early)
-    return (f"{len(points)} pruned cells: Spearman(drop, guard KL) = {spearman(drop, kl):.2f}; Spearman(drop, "
-            f"early recovery loss - dense's, first {EARLY:.0%} of steps) = {early_rho:.2f}")  # fmt: skip
+        points[cell["model_name"]].append((cell["guard"]["kl"], early_loss(cell) - early_loss(base), drop))
+    lines = []
+    for model, found in sorted(points.items()):
+        if len(found) < 3:
+            lines.append(f"{model}: {len(found)} pruned cells with loss curves, too few for a rank correlation")
+            continue
+        kl, early, drop = zip(*found)
+        lines.append(f"{model}: {len(found)} pruned cells: Spearman(drop, guard KL) = {spearman(drop, kl):.2f}; "
+                     f"Spearman(drop, early recovery loss - dense's, first {EARLY:.0%} of steps) = "
+                     f"{spearman(drop, early):.2f}")  # fmt: skip
+    return "\n".join(lines) or "no pruned cell with a loss curve"
 
 
 def plot(cells: list[dict[str, Any]], path: Path) -> None:
