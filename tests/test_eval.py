@@ -275,8 +275,9 @@ def test_cli_rejects_bad_input_in_one_line(tmp_path, capsys):
 
 def test_a_task_short_of_training_rows_says_so_and_records_what_it_trained_on(tiny_dir, tmp_path, capsys):
     sizes = harness.Sizes(train_rows=200, eval_items=2, test_items=2, guard_rows=32)
+    recipe = Recipe(batch_size=16, max_length=64)
     (cell,) = harness.run_eval(tiny_dir, ["arc_challenge"], [0], [harness.parse_method("dense")], tmp_path,
-                               sizes=sizes, recipe=Recipe(batch_size=16, max_length=64), show_progress=False)  # fmt: skip
+                               sizes=sizes, recipe=recipe, show_progress=False)  # fmt: skip
     assert cell["trained_rows"] == 119 - 32 and cell["sizes"]["train_rows"] == 200
     assert len(cell["recovery_loss"]) == -(-87 // 16)
     assert "arc_challenge has 87 training rows after the guard's 32 (asked for 200)" in capsys.readouterr().out

@@ -214,8 +214,9 @@ def run_eval(
         if task not in caches:
             data = TaskData.load(task, splits, sizes)
             if len(data.train) < sizes.train_rows:
-                print(f"gradprune eval: {task} has {len(data.train)} training rows after the guard's {sizes.guard_rows} "
-                      f"(asked for {sizes.train_rows}); its cells train on {len(data.train)}", flush=True)  # fmt: skip
+                have = len(data.train)
+                print(f"gradprune eval: {task} has {have} training rows after the guard's {sizes.guard_rows} "
+                      f"(asked for {sizes.train_rows}); its cells train on {have}", flush=True)  # fmt: skip
             caches[task] = TaskCache(data, load, tokenizer, recipe, sizes)
         cache = caches[task]
 
