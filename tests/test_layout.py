@@ -38,8 +38,13 @@ def imports_of(path: Path) -> set[str]:
     return found
 
 
+def package_modules() -> dict[str, Path]:
+    """Each module of the package by name (a package by its ``__init__.py``)."""
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
 def package_graph() -> dict[str, set[str]]:
-    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    modules = package_modules()
     graph = {}
     for name, path in modules.items():
         # a package's __init__ is imported on the way to each of its modules; it is not an edge of its own
@@ -90,7 +95,7 @@ def test_no_import_cycles():
 def test_pure_maths_imports_no_framework(name):
     """Nor does anything in the package it reaches."""
     start = f"swift_gradpruner.{name}"
-    graph = package_graph()
+    graph, modules = package_graph(), package_modules()
     assert start in graph, f"{start} is gone: update PURE_MATHS"
     reached, todo = {start}, [start]
     while todo:
@@ -100,7 +105,7 @@ def test_pure_maths_imports_no_framework(name):
     bad = sorted(
         f"{module} imports {target}"
         for module in reached
-        for target in imports_of(PACKAGE.parent / (module.replace(".", "/") + ".py"))
+        for target in imports_of(modules[module])
         if target.split(".")[0] in FRAMEWORKS or target.startswith("swift_gradpruner.swift")
     )
     assert not bad, "; ".join(bad)
