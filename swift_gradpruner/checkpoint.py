@@ -25,6 +25,7 @@ from .importance import IGIAAccumulator
 from .prune import PruneResult, Raw, _report_files, prune_model, save_pruned
 from .selection import LayerPlan
 from .surgery import atomic_dir
+from .weight_files import loaded_weight_bytes
 
 
 def prune_checkpoint(model_dir: str | os.PathLike, accumulator: IGIAAccumulator | None, config: GradPruneConfig,
@@ -88,16 +89,14 @@ def _prune_loaded(model_dir, accumulator, config, guard, calibration, extra, log
 
 
 def _device_plan(model_dir) -> DevicePlan:
-    """devices.plan_devices from the GPUs' free memory and the checkpoint's size. The other GPUs are asked
-    only when the model does not fit on rank 0's (asking leaves a CUDA context on each)."""
+    """devices.plan_devices from the GPUs' free memory and the bytes of weights that from_pretrained loads
+    (weight_files.py: not a .bin beside the safetensors, consolidated.safetensors or optimizer.pt). The
+    other GPUs are asked only when the model does not fit on rank 0's (asking leaves a CUDA context on each)."""
     if not torch.cuda.is_available():
         return CPU
     from transformers import AutoConfig
 
-    from .streaming import WEIGHT_SUFFIXES
-
-    size = sum(path.stat().st_size for path in Path(model_dir).iterdir()
-               if path.name.endswith(WEIGHT_SUFFIXES) and not path.name.endswith(".json"))  # fmt: skip
+    size = loaded_weight_bytes(model_dir)  # what from_pretrained loads, not every weight-like file there
     layers = text_config(AutoConfig.from_pretrained(model_dir)).num_hidden_layers
     first = torch.cuda.current_device()
     free = {first: torch.cuda.mem_get_info(first)[0]}

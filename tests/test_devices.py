@@ -10,10 +10,11 @@ from safetensors import safe_open
 from conftest import random_lora_grads
 from swift_gradpruner import checkpoint
 from swift_gradpruner.config import GradPruneConfig
-from swift_gradpruner.devices import RESERVE_BYTES, plan_devices
+from swift_gradpruner.devices import RESERVE_BYTES, RESERVE_FRACTION, plan_devices
 from swift_gradpruner.importance import IGIAAccumulator
 from swift_gradpruner.streaming import weight_files
 from swift_gradpruner.tiny import build_model, build_tokenizer
+from swift_gradpruner.weight_files import loaded_weight_bytes
 
 GIB = 2**30
 
@@ -49,6 +50,49 @@ def test_busy_gpus_are_left_out_and_the_rest_must_hold_the_model():
     assert too_big.gpus == () and too_big.device == "cpu"
     assert too_big.describe() == "the CPU (the model's 140.0 GiB do not fit the 3 GPU(s): 160.0 GiB free)"
     assert plan_devices({0: 24 * GIB}, 30 * GIB, 32).gpus == ()  # one small GPU: the CPU
+
+
+def fake_gpus(monkeypatch, free: dict, current: int = 0) -> list[int]:
+    """torch.cuda as a node whose GPUs have ``free`` bytes free (an exception: what asking that GPU raises),
+    on a CPU-only machine. Returns the GPUs asked, in order."""
+    asked: list[int] = []
+
+    def mem_get_info(gpu):
+        asked.append(gpu)
+        if isinstance(free[gpu], BaseException):
+            raise free[gpu]
+        return free[gpu], 80 * GIB
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(free))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    return asked
+
+
+def free_for_room(room: int) -> int:
+    """The free bytes that leave ``room`` bytes for weights after the reserve."""
+    return -(-(room + RESERVE_BYTES) // (1 - RESERVE_FRACTION)) + 1
+
+
+def test_the_plan_sizes_the_model_by_the_files_from_pretrained_loads(tmp_path, monkeypatch):
+    """Issue 33 item 1: a .bin beside the safetensors, Mistral's consolidated.safetensors and a trainer's
+    optimizer.pt once counted with the weights (three to four times the model): here the GPU holds the model
+    once with half of it to spare, so the model stays on it."""
+    import shutil
+
+    folder = tmp_path / "model"
+    model = build_model("llama", num_layers=4, vocab_size=64)
+    model.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    shutil.copy(folder / "model.safetensors", folder / "consolidated.safetensors")
+    torch.save({"state": model.state_dict(), "again": model.state_dict()}, folder / "optimizer.pt")
+    size = loaded_weight_bytes(folder)
+    every_file = sum(path.stat().st_size for path in folder.iterdir() if path.suffix in (".safetensors", ".bin", ".pt"))
+    assert every_file > 4 * size
+    asked = fake_gpus(monkeypatch, {0: free_for_room(size + size // 2), 1: 80 * GIB})
+    plan = checkpoint._device_plan(folder)
+    assert plan.gpus == (0,) and asked == [0]  # one GPU; the other was not asked
 
 
 def _dispatched(load):
