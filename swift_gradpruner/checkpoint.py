@@ -1,9 +1,11 @@
 """Prune a checkpoint on disk: load it (or stream its shards), run ``prune.prune_model``, save the result.
 
 The model runs on rank 0's GPU when it fits there, else spread over the node's GPUs by a device_map
-(devices.py), else on the CPU. A GPU that runs out of memory anywhere in the prune step (criterion,
-guard, merge, timing) costs one log line and the step is redone on the CPU from a fresh copy of the
-weights, reusing what the criterion had already measured.
+(devices.py), else on the CPU, sized by the weights from_pretrained loads (weight_files.py). A GPU that
+runs out of memory anywhere in the prune step (criterion, guard, merge, timing) costs one log line and the
+step is redone from a fresh copy of the weights where ``devices.plan_after_oom`` says (after one GPU the
+node's GPUs when together they hold the model, then the CPU), reusing what the criterion had already
+measured. A GPU that cannot be asked for its free memory (exclusive-process mode) ends the asking.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ import torch
 
 from .architecture import auto_class, layers_prefix, text_config
 from .config import IGIA_SCORES, GradPruneConfig
-from .devices import CPU, DevicePlan, plan_devices
+from .devices import CPU, DevicePlan, plan_after_oom, plan_devices
 from .importance import IGIAAccumulator
 from .prune import PruneResult, Raw, _report_files, prune_model, save_pruned
 from .selection import LayerPlan
@@ -60,9 +63,10 @@ def prune_checkpoint(model_dir: str | os.PathLike, accumulator: IGIAAccumulator 
 
 
 def _prune_loaded(model_dir, accumulator, config, guard, calibration, extra, log, warn):
-    """Load the model where ``_device_plan`` says and prune it; on running out of GPU memory, load it
-    again on the CPU and prune that. Returns the model, the result and the seconds spent loading."""
-    cache: dict = {}  # the criterion's measurements survive a restart on the CPU
+    """Load the model where ``_device_plan`` says and prune it; on running out of GPU memory, load it again
+    where ``devices.plan_after_oom`` says (one GPU -> the node's GPUs -> the CPU) and prune that; the CPU
+    is tried once. Returns the model, the result and the seconds spent loading."""
+    cache: dict = {}  # the criterion's measurements survive a restart elsewhere
     loaded = [0.0]
 
     def attempt(plan: DevicePlan):
@@ -73,38 +77,75 @@ def _prune_loaded(model_dir, accumulator, config, guard, calibration, extra, log
                              criterion_cache=cache, device=plan.device, extra=extra, log=log)  # fmt: skip
         return model, result
 
-    plan = _device_plan(model_dir)
+    plan, retried = _device_plan(model_dir), False
     log(f"[GradPruner] prune step on {plan.describe()}")
-    try:
-        return (*attempt(plan), loaded[0])
-    except torch.OutOfMemoryError as error:
-        failure = _first_line(error)
-    # Out of the except block: its traceback held the GPU model and the dense targets, so that nothing
-    # could be freed while it lived.
-    gc.collect()
-    _empty_cuda_cache()
-    warn(f"[GradPruner] out of GPU memory while pruning on {plan.describe()} ({failure}); "
-         "doing the prune step again on the CPU (slower)")  # fmt: skip
-    return (*attempt(CPU), loaded[0])
+    while True:
+        try:
+            return (*attempt(plan), loaded[0])
+        except torch.OutOfMemoryError as error:
+            if retried and not plan.gpus:
+                raise
+            failure = _first_line(error)
+        # Out of the except block: its traceback held the GPU model and the dense targets, so that nothing
+        # could be freed while it lived.
+        free_cuda_memory()
+        following, retried = _plan_after_oom(model_dir, plan), True
+        warn(f"[GradPruner] out of GPU memory while pruning on {plan.describe()} ({failure}); doing the prune "
+             f"step again on {following.describe()}" + ("" if following.gpus else " (slower)"))  # fmt: skip
+        plan = following
 
 
 def _device_plan(model_dir) -> DevicePlan:
     """devices.plan_devices from the GPUs' free memory and the bytes of weights that from_pretrained loads
     (weight_files.py: not a .bin beside the safetensors, consolidated.safetensors or optimizer.pt). The
-    other GPUs are asked only when the model does not fit on rank 0's (asking leaves a CUDA context on each)."""
+    other GPUs are asked only when the model does not fit on rank 0's (asking leaves a CUDA context on each).
+    A GPU that cannot be asked (``_free_memory``) ends the asking: the plan uses what was read."""
     if not torch.cuda.is_available():
         return CPU
-    from transformers import AutoConfig
-
-    size = loaded_weight_bytes(model_dir)  # what from_pretrained loads, not every weight-like file there
-    layers = text_config(AutoConfig.from_pretrained(model_dir)).num_hidden_layers
-    first = torch.cuda.current_device()
-    free = {first: torch.cuda.mem_get_info(first)[0]}
+    size, layers = _sizing(model_dir)
+    try:
+        first = torch.cuda.current_device()
+    except RuntimeError as error:
+        return DevicePlan(reason=f"the current GPU could not be asked for its free memory ({_first_line(error)})")
+    free, stopped = _free_memory([first])
+    if not free:
+        return DevicePlan(reason=stopped)
     plan = plan_devices(free, size, layers)
     if plan.gpus or torch.cuda.device_count() < 2:
         return plan
-    free.update({gpu: torch.cuda.mem_get_info(gpu)[0] for gpu in range(torch.cuda.device_count()) if gpu != first})
-    return plan_devices(free, size, layers)
+    more, stopped = _free_memory([gpu for gpu in range(torch.cuda.device_count()) if gpu != first])
+    plan = plan_devices({**free, **more}, size, layers)
+    return replace(plan, reason=f"{plan.reason}; {stopped}") if stopped and not plan.gpus else plan
+
+
+def _plan_after_oom(model_dir, plan: DevicePlan) -> DevicePlan:
+    """devices.plan_after_oom with every GPU's free memory read again (the failed attempt freed)."""
+    if len(plan.gpus) != 1:
+        return plan_after_oom(plan, {}, 0, 0)
+    size, layers = _sizing(model_dir)
+    first = plan.gpus[0]
+    free, stopped = _free_memory([first, *(gpu for gpu in range(torch.cuda.device_count()) if gpu != first)])
+    following = plan_after_oom(plan, free, size, layers)
+    return replace(following, reason=f"{following.reason}; {stopped}") if stopped and not following.gpus else following
+
+
+def _sizing(model_dir) -> tuple[int, int]:
+    """Bytes of the weights from_pretrained loads, and the number of decoder layers."""
+    from transformers import AutoConfig
+
+    return loaded_weight_bytes(model_dir), text_config(AutoConfig.from_pretrained(model_dir)).num_hidden_layers
+
+
+def _free_memory(gpus: list[int]) -> tuple[dict[int, int], str]:
+    """The free bytes of ``gpus``, asked in order up to the first that cannot be asked (an exclusive-process
+    GPU held by another process raises), and why the asking stopped ('' when it did not)."""
+    free: dict[int, int] = {}
+    for gpu in gpus:
+        try:
+            free[gpu] = torch.cuda.mem_get_info(gpu)[0]
+        except RuntimeError as error:
+            return free, f"cuda:{gpu} could not be asked for its free memory ({_first_line(error)})"
+    return free, ""
 
 
 def _load(model_dir, plan: DevicePlan = CPU):
@@ -174,7 +215,10 @@ def _other_files(model_dir) -> dict[str, Any]:
     return files
 
 
-def _empty_cuda_cache() -> None:
+def free_cuda_memory() -> None:
+    """Collect garbage, then hand the CUDA cache back: accelerate's hooks hold reference cycles, so a
+    dispatched model's tensors are freed only by the collector, and emptying the cache first frees nothing."""
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

@@ -6,6 +6,7 @@ GPU, checkpoint size), so the choice is tested without a GPU; ``checkpoint.py`` 
 loads the model as the plan says (transformers' ``from_pretrained(device_map=..., max_memory=...)``,
 which leaves the placement of the layers to accelerate). The criteria, the guard and the surgery take
 a model whose layers sit on several GPUs (accelerate's hooks move the hidden states between them).
+After running out of GPU memory, ``plan_after_oom`` says what to try next: one GPU -> several -> the CPU.
 """
 
 from __future__ import annotations
@@ -57,22 +58,51 @@ def plan_devices(free: Mapping[int, int], model_bytes: int, num_layers: int) -> 
     decoder layers, given the free bytes of each GPU (``free``, rank 0's own first).
 
     One GPU when the model fits on the first with room to spare (RESERVE_*); else every GPU with room,
-    when together they hold it (each may lose up to one layer, twice the average, to indivisible blocks;
-    spreading over all of them leaves the most room for activations); else the CPU, with the reason.
+    when together they hold it (``spread``); else the CPU, with the reason.
     """
     if not free:
         return CPU
-    room = {gpu: max(0, int(bytes_ * (1 - RESERVE_FRACTION)) - RESERVE_BYTES) for gpu, bytes_ in free.items()}
-    first = next(iter(room))
-    if room[first] >= model_bytes:
+    first = next(iter(free))
+    if _room(free[first]) >= model_bytes:
         return DevicePlan(gpus=(first,))
+    return spread(free, model_bytes, num_layers) or DevicePlan(reason=_no_fit(free, model_bytes))
+
+
+def spread(free: Mapping[int, int], model_bytes: int, num_layers: int) -> DevicePlan | None:
+    """A device_map over every GPU with room (each may lose up to one layer, twice the average, to
+    indivisible blocks; spreading over all of them leaves the most room for activations), when there are
+    at least two and together they hold the model; else None."""
+    room = {gpu: _room(bytes_) for gpu, bytes_ in free.items()}
     block = 2 * -(-model_bytes // max(num_layers, 1))
-    chosen = [gpu for gpu, bytes_ in room.items() if bytes_ > block]
+    chosen = sorted(gpu for gpu, bytes_ in room.items() if bytes_ > block)
     if len(chosen) > 1 and sum(room[gpu] - block for gpu in chosen) >= model_bytes:
-        return DevicePlan(gpus=tuple(sorted(chosen)), max_memory={gpu: room[gpu] for gpu in sorted(chosen)})
+        return DevicePlan(gpus=tuple(chosen), max_memory={gpu: room[gpu] for gpu in chosen})
+    return None
+
+
+def plan_after_oom(plan: DevicePlan, free: Mapping[int, int], model_bytes: int, num_layers: int) -> DevicePlan:
+    """What to try after the prune step ran out of GPU memory on ``plan``, given the free bytes of each GPU
+    read after that attempt was freed: from one GPU, the node's GPUs through a device_map (``spread``) when
+    together they hold the model, else the CPU; from several GPUs (or the CPU), the CPU. The reason says why."""
+    if len(plan.gpus) == 1:
+        following = spread(free, model_bytes, num_layers)
+        if following is not None:
+            return following
+        if len(free) < 2:
+            return DevicePlan(reason="no other GPU to spread the model over")
+        return DevicePlan(reason=_no_fit(free, model_bytes, together=True))
+    return DevicePlan(reason="the GPUs of the device_map ran out of memory" if plan.gpus else plan.reason)
+
+
+def _room(free_bytes: int) -> int:
+    """Bytes of weights a GPU with ``free_bytes`` free may hold (RESERVE_*)."""
+    return max(0, int(free_bytes * (1 - RESERVE_FRACTION)) - RESERVE_BYTES)
+
+
+def _no_fit(free: Mapping[int, int], model_bytes: int, together: bool = False) -> str:
     gib = 2**30
-    return DevicePlan(reason=f"the model's {model_bytes / gib:.1f} GiB do not fit the {len(free)} GPU(s): "
-                             f"{sum(free.values()) / gib:.1f} GiB free")  # fmt: skip
+    where = f"{len(free)} GPUs together" if together else f"{len(free)} GPU(s)"
+    return f"the model's {model_bytes / gib:.1f} GiB do not fit the {where}: {sum(free.values()) / gib:.1f} GiB free"
 
 
 def _gpu_range(gpus: tuple[int, ...]) -> str:

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from conftest import random_lora_grads
 from swift_gradpruner import checkpoint
 from swift_gradpruner.config import GradPruneConfig
-from swift_gradpruner.devices import RESERVE_BYTES, RESERVE_FRACTION, plan_devices
+from swift_gradpruner.devices import CPU, RESERVE_BYTES, RESERVE_FRACTION, DevicePlan, plan_after_oom, plan_devices
 from swift_gradpruner.importance import IGIAAccumulator
 from swift_gradpruner.streaming import weight_files
 from swift_gradpruner.tiny import build_model, build_tokenizer
@@ -93,6 +93,134 @@ def test_the_plan_sizes_the_model_by_the_files_from_pretrained_loads(tmp_path, m
     asked = fake_gpus(monkeypatch, {0: free_for_room(size + size // 2), 1: 80 * GIB})
     plan = checkpoint._device_plan(folder)
     assert plan.gpus == (0,) and asked == [0]  # one GPU; the other was not asked
+
+
+# -- after an out-of-memory error: one GPU -> the node's GPUs -> the CPU (issue 33 item 2) --------------------
+
+
+def test_after_one_gpu_runs_out_the_nodes_gpus_are_tried():
+    """A 60 GiB model fits one 79 GiB card, but its activations did not: four such cards share it next."""
+    one = DevicePlan(gpus=(0,))
+    free = {gpu: 79 * GIB for gpu in range(4)}
+    following = plan_after_oom(one, free, 60 * GIB, 32)
+    assert following.gpus == (0, 1, 2, 3) and following.device_map == "auto"
+    assert following.max_memory == dict.fromkeys(range(4), int(79 * GIB * 0.95) - RESERVE_BYTES)
+    assert plan_after_oom(following, free, 60 * GIB, 32) == DevicePlan(
+        reason="the GPUs of the device_map ran out of memory"
+    )  # after several GPUs, the CPU
+
+
+def test_after_one_gpu_runs_out_without_room_elsewhere_the_cpu():
+    one = DevicePlan(gpus=(1,))
+    alone = plan_after_oom(one, {1: 79 * GIB}, 60 * GIB, 32)
+    assert alone.gpus == () and alone.describe() == "the CPU (no other GPU to spread the model over)"
+    busy = plan_after_oom(one, {1: 79 * GIB, 0: 3 * GIB, 2: 6 * GIB}, 60 * GIB, 32)  # the others are busy
+    assert busy.gpus == () and busy.reason == "the model's 60.0 GiB do not fit the 3 GPUs together: 88.0 GiB free"
+    # 70 GiB free hold 60 GiB only without the reserve and a layer's margin on each: still the CPU
+    assert plan_after_oom(one, {1: 40 * GIB, 0: 30 * GIB}, 60 * GIB, 32).gpus == ()
+    assert plan_after_oom(one, {1: 40 * GIB, 0: 40 * GIB}, 60 * GIB, 32).gpus == (0, 1)
+
+
+def test_an_out_of_memory_on_the_cpu_plan_stays_on_the_cpu():
+    assert plan_after_oom(CPU, {0: 80 * GIB}, GIB, 8) == CPU
+
+
+def batches(vocab: int) -> list[dict[str, torch.Tensor]]:
+    ids = torch.randint(3, vocab, (4, 12), generator=torch.Generator().manual_seed(0))
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}]
+
+
+def test_the_prune_step_goes_from_one_gpu_to_several_to_the_cpu(tmp_path, monkeypatch):
+    """On a CPU-only machine, torch.cuda faked as two 40 GiB GPUs: the tiny model goes to cuda:0, runs out of
+    memory there, then on a device_map over both, and is pruned on the CPU; each attempt gets the same
+    criterion cache, and garbage is collected before each handing back of the CUDA cache."""
+    import gc
+
+    tokenizer = build_tokenizer()
+    build_model("llama", num_layers=4, vocab_size=len(tokenizer)).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    asked = fake_gpus(monkeypatch, {0: 40 * GIB, 1: 40 * GIB})
+    events: list[str] = []
+    real_collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *args: events.append("gc") or real_collect(*args))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty_cache"))
+    real_load, real_prune = checkpoint._load, checkpoint.prune_model
+    plans, devices, caches = [], [], []
+
+    def load(model_dir, plan):
+        plans.append(plan)
+        return real_load(model_dir, CPU)  # the weights stay on the CPU: there is no GPU here
+
+    def prune_model(model, *args, device, criterion_cache, **kwargs):
+        devices.append(device)
+        caches.append(criterion_cache)
+        if device != "cpu":
+            raise torch.OutOfMemoryError(f"CUDA out of memory on {device}")
+        return real_prune(model, *args, device=device, criterion_cache=criterion_cache, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "_load", load)
+    monkeypatch.setattr(checkpoint, "prune_model", prune_model)
+    lines: list[str] = []
+    config = GradPruneConfig(prune_layers=1, score="block_influence", benchmark=False)
+    result = checkpoint.prune_checkpoint(tmp_path / "base", None, config, tmp_path / "out", {}, {},
+                                         calibration=batches(len(tokenizer)), log=lines.append,
+                                         warn=lines.append)  # fmt: skip
+    assert [plan.gpus for plan in plans] == [(0,), (0, 1), ()] and devices == ["cuda:0", "cuda:0", "cpu"]
+    assert all(cache is caches[0] for cache in caches)
+    assert asked == [0, 0, 1]  # rank 0's GPU for the plan, then every GPU after the first failure
+    warned = [line for line in lines if "out of GPU memory" in line]
+    assert len(warned) == 2
+    assert warned[0].endswith("doing the prune step again on cuda:0-1 (device_map over 2 GPUs)")
+    assert "while pruning on cuda:0-1" in warned[1]
+    assert warned[1].endswith("again on the CPU (the GPUs of the device_map ran out of memory) (slower)")
+    assert events[:4] == ["gc", "empty_cache", "gc", "empty_cache"]
+    assert len(result.plan.removed) == 1 and (tmp_path / "out" / "config.json").is_file()
+
+
+# -- a GPU that cannot be asked (exclusive-process mode, another process holds it) ------------------------------
+
+
+BUSY = torch.AcceleratorError("CUDA error: all CUDA-capable devices are busy or unavailable")
+
+
+def test_a_gpu_that_cannot_be_asked_ends_the_asking(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "_sizing", lambda model_dir: (100 * GIB, 80))
+    asked = fake_gpus(monkeypatch, {0: 79 * GIB, 1: 79 * GIB, 2: BUSY, 3: 79 * GIB})
+    plan = checkpoint._device_plan(tmp_path)
+    assert plan.gpus == (0, 1) and asked == [0, 1, 2]  # planned with what was read; cuda:3 not asked
+    monkeypatch.setattr(checkpoint, "_sizing", lambda model_dir: (200 * GIB, 80))
+    plan = checkpoint._device_plan(tmp_path)
+    assert plan.gpus == ()
+    assert plan.reason == (
+        "the model's 200.0 GiB do not fit the 2 GPU(s): 158.0 GiB free; cuda:2 could not be asked for its free "
+        "memory (CUDA error: all CUDA-capable devices are busy or unavailable)"
+    )
+
+
+def test_when_rank_0s_gpu_cannot_be_asked_the_plan_is_the_cpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "_sizing", lambda model_dir: (GIB, 8))
+    asked = fake_gpus(monkeypatch, {0: 79 * GIB, 1: BUSY}, current=1)
+    plan = checkpoint._device_plan(tmp_path)
+    assert plan.gpus == () and asked == [1]
+    assert plan.describe() == ("the CPU (cuda:1 could not be asked for its free memory (CUDA error: all "
+                               "CUDA-capable devices are busy or unavailable))")  # fmt: skip
+
+    def no_device():
+        raise RuntimeError("CUDA error: no CUDA-capable device is detected")
+
+    monkeypatch.setattr(torch.cuda, "current_device", no_device)
+    assert checkpoint._device_plan(tmp_path).reason.startswith("the current GPU could not be asked")
+
+
+def test_after_an_out_of_memory_a_gpu_that_cannot_be_asked_is_left_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "_sizing", lambda model_dir: (60 * GIB, 32))
+    fake_gpus(monkeypatch, {0: 79 * GIB, 1: 79 * GIB, 2: BUSY, 3: 79 * GIB})
+    assert checkpoint._plan_after_oom(tmp_path, DevicePlan(gpus=(0,))).gpus == (0, 1)
+    fake_gpus(monkeypatch, {0: 79 * GIB, 1: BUSY})
+    following = checkpoint._plan_after_oom(tmp_path, DevicePlan(gpus=(0,)))
+    assert following.gpus == () and following.reason.startswith(
+        "no other GPU to spread the model over; cuda:1 could not be asked"
+    )
 
 
 def _dispatched(load):

@@ -16,6 +16,7 @@ import torch
 import reference
 from swift_gradpruner import checkpoint
 from swift_gradpruner.config import GradPruneConfig
+from swift_gradpruner.devices import CPU
 from swift_gradpruner.importance import IGIAAccumulator
 from swift_gradpruner.merge import merge_linear
 
@@ -150,6 +151,8 @@ def test_out_of_gpu_memory_frees_the_gpu_before_the_cpu_retry(tiny_checkpoint, t
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint, "prune_model", out_of_memory_once)
+    # a node with more GPUs would try them next (devices.plan_after_oom): the CPU, as on a one-GPU node
+    monkeypatch.setattr(checkpoint, "_plan_after_oom", lambda model_dir, plan: CPU)
     lines: list[str] = []
     result = _prune(model_dir, tmp_path / "out", GradPruneConfig(prune_layers=2, benchmark=False), calibration,
                     guard, lines)  # fmt: skip
@@ -163,7 +166,7 @@ def test_a_device_map_over_two_gpus_prunes_as_the_cpu_does(tiny_checkpoint, tmp_
     """Issue 25 item 1: the layers split over cuda:0 and cuda:1 by from_pretrained(device_map='auto',
     max_memory=...); Block Influence, the guard (head and final norm may sit on different GPUs), the surgery,
     the timing and the save give what the CPU gives."""
-    from swift_gradpruner.devices import CPU, DevicePlan
+    from swift_gradpruner.devices import DevicePlan
 
     model_dir, calibration, guard = tiny_checkpoint
     config = GradPruneConfig(prune_layers=2)

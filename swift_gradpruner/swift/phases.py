@@ -62,8 +62,12 @@ def prune_from_state(args, config: GradPruneConfig, state_dir: Path, key: str, p
 
 def hand_back_cuda_memory() -> None:
     """Return cached CUDA blocks to the device and restart the peak statistics, so that what swift logs
-    as the next phase's ``memory(GiB)`` (torch's peak reserved memory) is that phase's own peak."""
+    as the next phase's ``memory(GiB)`` (torch's peak reserved memory) is that phase's own peak. Garbage is
+    collected first: accelerate's hooks hold reference cycles, whose tensors only the collector frees."""
     if torch.cuda.is_available():
+        import gc
+
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
