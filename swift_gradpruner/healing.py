@@ -3,11 +3,13 @@ on its own, what the dense model computed across the whole run (a seam-local dis
 
 A *seam* is one contiguous run ``[a, b]`` of removed layers and the kept layer ``k`` that stands in for it:
 the layer before the run (``k = a - 1``), or the first kept layer after it when the run starts at layer 0.
-The block it replaces is ``[min(k, a), max(k, b)]``. On calibration rows the dense model gives, per seam,
-the hidden state entering the block (``x``) and the one leaving it (``y``); healing trains ``k``'s
-weights (all of them, or only its MLP output projection) with Adam so that ``layer_k(x)`` is close to
-``y`` over the real tokens: ``1 - cos`` (default) or the squared error relative to ``|y|^2``. The inputs
-are the dense model's (teacher forcing), so the seams are fitted independently of each other.
+The block it replaces is ``[min(k, a), max(k, b)]``; when that first kept layer also precedes the next
+run, its seam spans both runs (``seams_of``), so that no layer is trained for two seams. On calibration
+rows the dense model gives, per seam, the hidden state entering the block (``x``) and the one leaving it
+(``y``); healing trains ``k``'s weights (all of them, or only its MLP output projection) with Adam so that
+``layer_k(x)`` is close to ``y`` over the real tokens: ``1 - cos`` (default) or the squared error relative
+to ``|y|^2``. The inputs are the dense model's (teacher forcing), so the seams are fitted independently of
+each other.
 
 The result is still a plain checkpoint of the same architecture: only existing weights change.
 
@@ -55,7 +57,10 @@ class SeamRows:
 
 
 def seams_of(num_layers: int, removed: Sequence[int]) -> list[Seam]:
-    """One seam per contiguous run of ``removed`` layers."""
+    """One seam per kept layer that stands in for removed layers, in layer order. A kept layer between a
+    run that starts at layer 0 and the next run (``[0, 2]`` of 10: layer 1) stands in for both: in the
+    pruned model it takes the embeddings and feeds the layer after the second run, so its one seam spans
+    both runs (block ``[0, 2]``), and it is trained and measured once, against that whole block."""
     gone = set(removed)
     kept = [j for j in range(num_layers) if j not in gone]
     if not kept:
@@ -68,7 +73,10 @@ def seams_of(num_layers: int, removed: Sequence[int]) -> list[Seam]:
         elif start is not None:
             run_last = j - 1
             layer = start - 1 if start > 0 else min(k for k in kept if k > run_last)
-            out.append(Seam(layer, min(layer, start), max(layer, run_last)))
+            seam = Seam(layer, min(layer, start), max(layer, run_last))
+            if out and out[-1].layer == layer:  # the layer after the run at 0 precedes this run too
+                seam = Seam(layer, out.pop().first, seam.last)
+            out.append(seam)
             start = None
     return out
 

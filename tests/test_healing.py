@@ -31,13 +31,17 @@ def test_seams_cover_every_removed_run_with_one_kept_layer_each(num_layers):
         for removed in itertools.combinations(range(num_layers), count):
             seams = healing.seams_of(num_layers, removed)
             blocks = [set(range(s.first, s.last + 1)) for s in seams]
-            # every block: one kept layer (the trained one) plus one whole run of removed layers
+            assert len({s.layer for s in seams}) == len(seams)  # no layer trained for two seams
+            # every block: one kept layer (the trained one) plus the whole run of removed layers after it,
+            # or the run before it when that run starts at 0, or both
             for seam, block in zip(seams, blocks):
                 assert seam.layer not in removed and block - {seam.layer} <= set(removed)
-                run = sorted(block - {seam.layer})
-                assert run == list(range(run[0], run[-1] + 1))
-                assert run[0] - 1 not in removed and run[-1] + 1 not in removed  # a whole run
-                assert seam.layer == (run[0] - 1 if run[0] > 0 else run[-1] + 1)
+                before = sorted(j for j in block if j < seam.layer)
+                after = sorted(j for j in block if j > seam.layer)
+                assert before == ([] if not before else list(range(0, seam.layer)))  # a whole run from layer 0
+                assert after == list(range(seam.layer + 1, seam.layer + 1 + len(after)))
+                assert seam.last + 1 not in removed and (before or after)  # a whole run
+                assert bool(before) == (0 < seam.layer == len(set(range(seam.layer)) & set(removed)))  # the run at 0
             assert sorted(j for b in blocks for j in b if j in removed) == sorted(removed)  # each once
 
 
@@ -56,7 +60,7 @@ def hidden_states(model, batch):
     return [*states[:n], out["last"]]  # position j: entering layer j; position n: leaving the last layer
 
 
-@pytest.mark.parametrize("removed", [[2, 3], [0, 1], [5], [1, 4]])
+@pytest.mark.parametrize("removed", [[2, 3], [0, 1], [5], [1, 4], [0, 2], [0, 1, 3, 4]])
 def test_dense_rows_and_the_pruned_layers_seam_loss_match_full_forward_passes(removed):
     dense = build_model("llama", num_layers=NUM_LAYERS, vocab_size=128, seed=3).eval()
     data = batches()
@@ -109,6 +113,41 @@ def test_healing_lowers_each_seams_loss_and_changes_only_the_trained_weights(sco
             continue  # norms may or may not move in 30 steps; the projections must
         assert changed == expected, key
     assert all(p.requires_grad for p in pruned.parameters())  # flags restored
+
+
+def test_a_layer_between_two_runs_is_one_seam_and_its_reported_loss_holds():
+    """Issue 33 item 3: of 6 layers, removing 0, 2 and 4 once gave layer 1 two seams ([0, 1] and [1, 2]):
+    trained for the second, it no longer did what the first seam's reported loss said. In the pruned model
+    layer 1 takes the embeddings and feeds layer 3: one seam, [0, 2]. Every reported loss_after is the
+    healed model's own, by brute force: the pruned model's full forward pass for the first seam (its input
+    is the dense one), the final layer on the dense inputs (what the loss is defined on) for every seam."""
+    assert healing.seams_of(10, [0, 2]) == [healing.Seam(1, 0, 2)]
+    dense = build_model("llama", num_layers=NUM_LAYERS, vocab_size=128, seed=3).eval()
+    removed = [0, 2, 4]
+    seams = healing.seams_of(NUM_LAYERS, removed)
+    assert seams == [healing.Seam(1, 0, 2), healing.Seam(3, 3, 4)]
+    data = batches() + batches(seed=1)
+    rows = healing.dense_rows(dense, data, seams)
+    pruned = copy.deepcopy(dense)
+    remove_layers(pruned, removed)
+    kept = [j for j in range(NUM_LAYERS) if j not in removed]
+    report = healing.heal_seams(pruned, kept, seams, rows, steps=30, lr=1e-3)
+    assert [(r["layer"], r["block"]) for r in report] == [(1, [0, 2]), (3, [3, 4])]
+    assert all(r["loss_after"] < 0.9 * r["loss_before"] for r in report)
+    layers = decoder_layers(pruned)
+    for seam, batch_rows, r in zip(seams, rows, report):
+        layer = layers[kept.index(seam.layer)]
+        with torch.no_grad():
+            losses = [float(healing.seam_loss(healing.layer_output(layer, row), row.leaving, row.real))
+                      for row in batch_rows]  # fmt: skip
+        assert r["loss_after"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+    full = []
+    for batch in data:
+        real = batch["attention_mask"].bool()
+        leaving = hidden_states(pruned, batch)[1]  # out of the pruned model's first layer, dense layer 1
+        target = hidden_states(dense, batch)[3]  # out of dense layer 2
+        full.append(float((1 - nn.functional.cosine_similarity(leaving[real], target[real], dim=-1)).mean()))
+    assert report[0]["loss_after"] == pytest.approx(sum(full) / len(full), rel=1e-5)
 
 
 def test_bad_settings_name_the_value():
