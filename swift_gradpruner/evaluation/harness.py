@@ -5,7 +5,8 @@ the method (GradPruner through the product's own ``prune_model``: phase-1 captur
 select -> merge -> surgery), score it on the chosen split, give it the recovery fine-tune that
 every model gets (the same LoRA recipe, data order and seed), and score it again. ``dense`` is the
 same fine-tune on the unpruned model. Each finished cell is written to ``cells/`` at once, so a
-killed sweep continues where it stopped; a cell is redone only if its settings changed.
+killed sweep continues where it stopped; a cell is redone only if what it depends on changed (its key:
+the model, the settings, the rows it trains and is scored on, the method with its defaults filled in).
 
 Besides accuracy (with every item's 1/0, for paired bootstrap intervals), each cell records the
 answer loss on the split's right answers before and after recovery, and what the quality guard of
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..architecture import decoder_layers, parameter_counts
+from ..architecture import decoder_layers, parameter_counts, text_config
 from ..criteria import random_layers
 from ..guard import GuardError
 from ..measures import mean_kl, mean_loss
@@ -192,6 +193,14 @@ def run_eval(
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
 
     identity = {"model": str(model_dir.resolve()), "model_config": _file_hash(model_dir / "config.json")}
+    num_layers = _num_layers(model_dir)
+    datas: dict[str, TaskData] = {}
+
+    def settings_of(task: str, name: str, method: Method, budget: int) -> dict[str, Any]:
+        if task not in datas:  # the rows are read (not trained on) to key the cells
+            datas[task] = TaskData.load(task, splits, sizes)
+        return _settings(identity, task, name, method, budget, sizes, recipe, datas[task], num_layers)
+
     # Method by method (each over every task), so a sweep stopped early has whole rows of the table.
     plan = [(t, m, b) for m in methods for b in (budgets if m.pruned else [0]) for t in tasks]
     found: dict[tuple[str, str, int], dict[str, Any]] = {}
@@ -199,7 +208,7 @@ def run_eval(
     for task, method, budget in plan:
         records = {}
         for name in splits:
-            settings = _settings(identity, task, name, method, budget, sizes, recipe)
+            settings = settings_of(task, name, method, budget)
             done = _read(_cell_path(output, task, method, budget, name))
             if done is not None and done.get("key") == cell_key(settings):
                 records[name] = done
@@ -212,7 +221,7 @@ def run_eval(
     caches: dict[str, TaskCache] = {}
     for task, method, budget in todo:
         if task not in caches:
-            data = TaskData.load(task, splits, sizes)
+            data = datas[task]
             if len(data.train) < sizes.train_rows:
                 have = len(data.train)
                 print(f"gradprune eval: {task} has {have} training rows after the guard's {sizes.guard_rows} "
@@ -227,7 +236,7 @@ def run_eval(
         cell = run_cell(method, budget, cache, stage)
         shared = {k: v for k, v in cell.items() if k not in ("before", "after")}
         for name in splits:
-            settings = _settings(identity, task, name, method, budget, sizes, recipe)
+            settings = settings_of(task, name, method, budget)
             record = {**shared, **settings, "before": cell["before"].get(name), "after": cell["after"][name],
                       "key": cell_key(settings), "trained_rows": len(cache.data.train),
                       "total_seconds": round(time.perf_counter() - start, 1), "versions": _versions(),
@@ -240,9 +249,24 @@ def run_eval(
     return [found[(t, m.spec, b)] for t, m, b in plan]
 
 
-def _settings(identity, task, split, method, budget, sizes, recipe) -> dict[str, Any]:
+CELL_VERSION = 2
+"""Version of what a cell's key covers. 2: the rows themselves (count and hash of the training, guard and
+evaluated rows) and the method's settings with their defaults; cells of version 1 (keyed by the sizes
+and the method's spec alone) never match and are recomputed."""
+
+
+def _settings(identity, task, split, method, budget, sizes, recipe, data: TaskData, num_layers: int) -> dict[str, Any]:
+    """What a cell's result depends on; its hash is the cell's key."""
     return {**identity, "task": task, "split": split, "method": method.spec, "budget": budget,
-            "sizes": sizes.__dict__, "recipe": recipe.to_dict(), "gradprune_version": __version__}  # fmt: skip
+            "sizes": sizes.__dict__, "recipe": recipe.to_dict(), "gradprune_version": __version__,
+            "cell_version": CELL_VERSION, "task_rows": data.identity(split),
+            "method_settings": method.settings(budget, num_layers)}  # fmt: skip
+
+
+def _num_layers(model_dir: Path) -> int:
+    from transformers import AutoConfig
+
+    return text_config(AutoConfig.from_pretrained(model_dir)).num_hidden_layers
 
 
 def _cell_path(output: Path, task: str, method: Method, budget: int, split: str) -> Path:

@@ -91,6 +91,14 @@ class Method:
             options["prune_layers"] = budget
         return GradPruneConfig(benchmark=False, **options)
 
+    def settings(self, budget: int, num_layers: int) -> dict[str, Any]:
+        """Everything this method does at ``budget`` with defaults filled in (presets, HEAL_DEFAULTS,
+        GradPruneConfig's), for the cell key: a changed default changes the key, not only a changed spec."""
+        if self.name in ("dense", "random"):
+            return {"options": dict(self.options), "full": self.full}
+        return {"config": self.config(budget, num_layers).to_dict(), "heal": self.heal, "full": self.full,
+                "probe_steps": self.probe_steps(budget)}  # fmt: skip
+
     def probe_steps(self, budget: int) -> int | None:
         """Phase-1 steps whose gradients this method needs (None: it needs none)."""
         if self.name in ("dense", "random"):

@@ -3,9 +3,12 @@ the criteria's measurements, the dense model's predictions on the guard rows).""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
+from typing import Any
 
 import torch
 
@@ -54,6 +57,17 @@ class TaskData:
     @property
     def examples(self) -> list[tuple[str, str]]:
         return [item.answer for item in self.train]
+
+    def identity(self, split: str) -> dict[str, dict[str, Any]]:
+        """What a cell of ``split`` trains and is scored on: count and content hash of the training rows,
+        the guard rows and the split's items (a change of the task split, its sizes or formatting shows)."""
+        return {"train": _fingerprint(self.train), "guard": _fingerprint(self.guard),
+                "evaluated": _fingerprint(self.splits[split])}  # fmt: skip
+
+
+def _fingerprint(items: Sequence[Item]) -> dict[str, Any]:
+    text = json.dumps([astuple(item) for item in items], ensure_ascii=False)
+    return {"rows": len(items), "sha256": hashlib.sha256(text.encode()).hexdigest()[:16]}
 
 
 class TaskCache:
