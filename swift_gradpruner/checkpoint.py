@@ -56,7 +56,8 @@ def prune_checkpoint(model_dir: str | os.PathLike, accumulator: IGIAAccumulator 
         log(f"[GradPruner] saving the pruned model to {out_dir} ...")
         result.report["stage_seconds"]["load"] = loaded
         save_pruned(model, result, out_dir, tokenizer=tokenizer, overwrite=True,
-                    extra_files={"args.json": swift_args, **_other_files(model_dir)})  # fmt: skip
+                    extra_files={"args.json": swift_args, **_other_files(model_dir)},
+                    after_save=_after_save(model_dir))  # fmt: skip
     if "vllm_unsupported" in result.report:
         warn(f"[GradPruner] WARNING: vLLM cannot serve the pruned model: {result.report['vllm_unsupported']}")
     return result
@@ -199,20 +200,25 @@ def _has_safetensors(model_dir) -> bool:
     return has_layer_keys(model_dir, layers_prefix(meta), num_layers, mtp_count(meta.config))
 
 
-def _other_files(model_dir) -> dict[str, Any]:
+def _other_files(model_dir) -> dict[str, Raw]:
     """Files of the base checkpoint that save_pretrained and the tokenizer do not write (a vision-language
-    model's processor and chat template), as extra files for the pruned checkpoint, and the base shards'
-    multi-token-prediction tensors, which the loaded model does not hold (``streaming.append_mtp``, run
-    after save_pretrained as the writer of the index it rewrites)."""
-    from .streaming import INDEX_NAME, append_mtp, carried_files, has_mtp
+    model's processor and chat template), as extra files for the pruned checkpoint."""
+    from .streaming import carried_files
 
     written = {"generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "args.json"}  # fmt: skip
-    files: dict[str, Any] = {path.name: Raw(path.read_bytes()) for path in carried_files(model_dir)
-                             if path.name not in written}  # fmt: skip
-    if has_mtp(model_dir):
-        files[INDEX_NAME] = lambda path: append_mtp(model_dir, path.parent, layers_prefix(_meta_model(model_dir)))
-    return files
+    return {path.name: Raw(path.read_bytes()) for path in carried_files(model_dir) if path.name not in written}
+
+
+def _after_save(model_dir) -> list[Callable[[Path], None]]:
+    """Steps run on the saved folder once save_pretrained wrote its shards and index: the base shards'
+    multi-token-prediction tensors, which the loaded model does not hold, appended as new shards with the
+    index rewritten (``streaming.append_mtp``)."""
+    from .streaming import append_mtp, has_mtp
+
+    if not has_mtp(model_dir):
+        return []
+    return [lambda folder: append_mtp(model_dir, folder, layers_prefix(_meta_model(model_dir)))]
 
 
 def free_cuda_memory() -> None:

@@ -246,14 +246,17 @@ def save_pruned(
     tokenizer=None,
     overwrite: bool = False,
     extra_files: dict[str, Any] | None = None,
+    after_save: Sequence[Callable[[Path], None]] = (),
 ) -> Path:
     """Save the pruned model as a plain HF checkpoint with the report and score plot inside it.
 
     ``extra_files`` maps more file names to JSON-able contents (e.g. swift's args.json), ``Raw`` bytes, or
-    writers called with the file's path after the model is saved.
+    writers called with the file's path after the model is saved. ``after_save`` steps run last, in order,
+    with the folder (``surgery.save_checkpoint``).
     """
     files = _report_files(result, extra_files)
-    return save_checkpoint(model, out_dir, tokenizer=tokenizer, overwrite=overwrite, extra_files=files)
+    return save_checkpoint(model, out_dir, tokenizer=tokenizer, overwrite=overwrite, extra_files=files,
+                           after_save=after_save)  # fmt: skip
 
 
 def _report_files(result: PruneResult, extra_files: dict[str, Any] | None) -> dict[str, Callable[[Path], None]]:

@@ -131,10 +131,13 @@ def save_checkpoint(
     tokenizer=None,
     overwrite: bool = False,
     extra_files: Mapping[str, Callable[[Path], None]] | None = None,
+    after_save: Sequence[Callable[[Path], None]] = (),
 ) -> Path:
-    """Write a plain HF checkpoint atomically (``atomic_dir``).
-
-    ``extra_files`` maps a file name to a writer called with its path (e.g. the report).
+    """Write a plain HF checkpoint atomically (``atomic_dir``), in this order: ``save_pretrained`` (config,
+    weights, index), the tokenizer, ``extra_files`` (a file name -> a writer called with its path, e.g. the
+    report; each writes its own file only, so their order does not matter), then ``after_save``: steps
+    called in list order with the folder once all of that is there, for work that changes what was
+    written (e.g. appending shards and rewriting the index, ``streaming.append_mtp``).
     """
     with atomic_dir(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp)
@@ -142,6 +145,8 @@ def save_checkpoint(
             tokenizer.save_pretrained(tmp)
         for name, write in (extra_files or {}).items():
             write(tmp / name)
+        for step in after_save:
+            step(tmp)
     return Path(out_dir)
 
 

@@ -108,6 +108,31 @@ def test_mtp_layers_are_kept_after_the_kept_layers_on_both_paths(model_type, tmp
     assert memory.keys() == stream.keys() and all(torch.equal(memory[k], stream[k]) for k in memory)
 
 
+def test_after_save_steps_run_last_in_order_and_the_mtp_step_is_one(tmp_path):
+    """Issue 33 item 5: the MTP copy rewrites the index save_pretrained wrote. It once rode in extra_files under
+    the index's name and ran last only by dict order; now it is an after_save step, which save_checkpoint runs
+    after the weights, the tokenizer and every extra file, in list order."""
+    from swift_gradpruner import checkpoint
+    from swift_gradpruner.surgery import save_checkpoint
+
+    seen: list[tuple[str, list[str]]] = []
+
+    def step(name):
+        return lambda folder: seen.append((name, sorted(p.name for p in folder.iterdir())))
+
+    tokenizer = build_tokenizer()
+    model = build_model("llama", num_layers=2, vocab_size=len(tokenizer))
+    extra = {"late.json": lambda path: path.write_text("{}")}
+    save_checkpoint(model, tmp_path / "out", tokenizer=tokenizer, extra_files=extra, after_save=[step("a"), step("b")])
+    assert [name for name, _ in seen] == ["a", "b"]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "late.json"} <= set(seen[0][1])
+    mtp_checkpoint(tmp_path / "base", "glm4_moe")
+    files = checkpoint._other_files(tmp_path / "base")
+    assert INDEX_NAME not in files and not any(callable(content) for content in files.values())
+    assert len(checkpoint._after_save(tmp_path / "base")) == 1
+    assert checkpoint._after_save(tmp_path / "out") == []  # no MTP tensors: nothing to do after saving
+
+
 def test_qwen3_next_style_mtp_tensors_are_kept_as_they_are(tmp_path):
     """``mtp.*`` tensors (Qwen3-Next's MTP module, numbered inside it) are not the model's: the in-memory path
     copies them from the base shards unchanged, as streaming does."""
