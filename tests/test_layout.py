@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "swift_gradpruner"
-PURE_MATHS = ("importance", "selection", "merge", "measures", "criteria", "payoff", "flops")
+PURE_MATHS = ("importance", "selection", "merge", "measures", "criteria", "payoff", "flops", "devices", "weight_files")
 """Modules the floors say are plain torch: no swift, deepspeed or vllm, at top level or inside a function."""
 FRAMEWORKS = ("swift", "deepspeed", "vllm")
 
