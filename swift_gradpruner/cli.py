@@ -142,15 +142,15 @@ def _check_same_model(model: str, info: dict) -> None:
     """The state's gradients and rows belong to the model it was made from: refuse any other weights
     (another folder, or the same folder after its files changed)."""
     from .config import GradPruneConfigError
-    from .swift.keys import model_fingerprint
+    from .swift.keys import model_identity
 
-    recorded = info.get("model_fingerprint")
+    recorded = info.get("model_identity")
     if recorded is None:
         raise GradPruneConfigError(
-            "the state records no fingerprint of its model (made by an older swift-gradpruner), so it cannot be "
+            "the state records no identity of its model (made by an older swift-gradpruner), so it cannot be "
             "checked against --model; run the swift sft command again to make a new state"
         )
-    now = model_fingerprint(model)
+    now = model_identity(model)
     changed = sorted({name for name in set(now) | set(recorded) if now.get(name) != recorded.get(name)})
     if changed:
         raise GradPruneConfigError(

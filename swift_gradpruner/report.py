@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,17 @@ def read_report(checkpoint_dir: str | Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def update_report(checkpoint_dir: str | Path, **entries: Any) -> None:
+    """Set entries of a pruned checkpoint's report; a new file renamed over the old one, so a hard-linked copy
+    of the same model elsewhere keeps its own report and a crash leaves the old one whole."""
+    path = Path(checkpoint_dir) / REPORT_NAME
+    report = json.loads(path.read_text(encoding="utf-8"))
+    report.update(entries)
+    tmp = path.with_name(f".{REPORT_NAME}.tmp")
+    write_json(tmp, report)
+    os.replace(tmp, path)
 
 
 def plotted_scores(report: Mapping[str, Any]) -> tuple[list[float], str]:

@@ -35,7 +35,8 @@ RANK_SCRIPT = textwrap.dedent(
         reuse.find_state = lambda *a: Path(out) / "gradprune" / "state"
 
     def arguments(batch, output_dir=out):
-        return SimpleNamespace(model=model, model_dir=model, dataset=[data], val_dataset=[], output_dir=output_dir,
+        return SimpleNamespace(model=model, model_dir=model, model_revision=None, model_type="llama",
+                             dataset=[data], val_dataset=[], output_dir=output_dir,
                              add_version=False, resume_from_checkpoint=None, max_steps=6, init_weights=True,
                              per_device_train_batch_size=batch, streaming=False, num_train_epochs=1,
                              training_args=SimpleNamespace(gradient_accumulation_steps=1))

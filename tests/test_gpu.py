@@ -95,7 +95,7 @@ def test_default_swift_run_prunes_on_the_gpu_as_the_cpu_would(tmp_path):
     timing = report["inference_benchmark"]
     assert (timing["device"], timing["dtype"]) == ("cuda", "float32") and "workloads" in timing
 
-    rows = load_batches(run / "gradprune" / "state" / BATCHES_FILE)
+    rows = load_batches(run / "gradprune" / "rows" / BATCHES_FILE)
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     on_cpu = criteria.block_influence(base, rows["calibration"])
     assert report["criterion"]["block_influence"] == pytest.approx(on_cpu, abs=1e-4)

@@ -54,7 +54,7 @@ def test_no_phase1_when_nothing_reads_gradients_and_checkpoints_keep_their_base(
 
     # Item 6: the guard and calibration rows are training rows, never phase 2's validation rows.
     tokenizer = AutoTokenizer.from_pretrained(model)
-    batches = load_batches(out / "gradprune" / "state" / "batches.safetensors")
+    batches = load_batches(out / "gradprune" / "rows" / "batches.safetensors")
     held = questions_in(batches["guard"] + batches["calibration"], tokenizer)
     rows = [json.loads(line)["messages"][0] for line in (out / "val_dataset.jsonl").open()]
     validation = [json.loads(row)["content"] for row in rows]  # swift writes each message as a JSON string
@@ -77,10 +77,12 @@ def test_no_phase1_when_nothing_reads_gradients_and_checkpoints_keep_their_base(
     # Item 7 (--add_version false): other pruning options must not replace the model checkpoint-3 names.
     (out / "gradprune" / ".model.killed.tmp").mkdir()  # item 8: what a killed save leaves behind
     proc = check(swift(*common, "--save_steps", "6", "--gradprune_prune_layers", "3", cwd=tmp_path))
-    assert f"pruning from {out / 'gradprune' / 'state'}" in proc.output and "[GradPruner] no phase 1" not in proc.output
+    # Without phase 1 every run prepares its rows (the rows key is their hash): the same rows as the first run's.
+    assert "[GradPruner] no phase 1" in proc.output and "reusing the pruned model" not in proc.output
     assert not list((out / "gradprune").glob(".model*"))
     first = Path(json.loads((out / "checkpoint-3" / "args.json").read_text())["model"])
     second = Path(json.loads((out / "checkpoint-6" / "args.json").read_text())["model"])
     assert first == out / "gradprune" / "model" and second.parent == first.parent and second != first
+    assert json.loads((second / "gradprune_report.json").read_text())["rows_key"] == report["rows_key"]
     assert AutoConfig.from_pretrained(first).num_hidden_layers == 4
     assert AutoModelForCausalLM.from_pretrained(second).config.num_hidden_layers == 3

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import reference
 from swift_gradpruner.demo import offline_env
 from swift_gradpruner.tiny import create_tiny
-from swift_run import COMMON, TESTS, check, logged_losses, report_of, run_dir, swift
+from swift_run import COMMON, TESTS, check, free_port, logged_losses, report_of, run_dir, swift
 
 pytestmark = pytest.mark.slow
 
@@ -203,12 +203,59 @@ def test_full_run_from_yaml_then_rerun_and_resume(tiny, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(second / "checkpoint-8").config.num_hidden_layers == 6 - removed
 
 
+def test_default_run_resumes_when_only_phase_2_changes_and_refuses_other_base_weights(tiny, tmp_path):
+    """Issue 33, the defaults (no phase 1): a resume that extends --max_steps goes on; one after only a
+    package-version change goes on with one line; one after the base weights were replaced by a same-size
+    file is refused, naming the file, before anything is loaded."""
+    import shutil
+
+    from swift_gradpruner.tiny import build_model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny["llama"], model)
+    out = tmp_path / "out"
+    common = ["sft", "--model", str(model), "--model_type", "llama", "--dataset", str(tiny["data"]), *COMMON,
+              "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--save_steps", "2",
+              "--output_dir", str(out), "--gradprune", "true", "--gradprune_prune_layers", "2",
+              "--gradprune_benchmark", "false"]  # fmt: skip
+    check(swift(*common, "--max_steps", "4", cwd=tmp_path))
+    first = run_dir(out)
+    reused = "reusing the pruned model of an earlier run with the same settings"
+    proc = check(swift(*common, "--max_steps", "6", "--learning_rate", "3e-4", "--resume_from_checkpoint",
+                       str(first / "checkpoint-4"), cwd=tmp_path))  # fmt: skip
+    second = run_dir(out)
+    assert reused in proc.output and "[GradPruner] prune step" not in proc.output
+    state = json.loads((second / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6 and len(logged_losses(second)) == 2  # steps 5 and 6 only
+
+    pruned = first / "gradprune" / "model"
+    report = json.loads((pruned / "gradprune_report.json").read_text())
+    report["versions"]["transformers"] = "5.18.0"  # as if the model was made before an upgrade
+    (pruned / "gradprune_report.json").write_text(json.dumps(report))
+    proc = check(swift(*common, "--max_steps", "4", "--resume_from_checkpoint", str(first / "checkpoint-2"),
+                       cwd=tmp_path))  # fmt: skip
+    lines = [line for line in proc.output.splitlines() if "with other package versions" in line]
+    assert len(lines) == 1 and "versions transformers '5.18.0' then" in lines[0], proc.output[-3000:]
+
+    weights = model / "model.safetensors"
+    size = weights.stat().st_size
+    vocab = AutoModelForCausalLM.from_pretrained(model).config.vocab_size
+    build_model("llama", 6, vocab_size=vocab, seed=7).save_pretrained(tmp_path / "other")
+    shutil.copyfile(tmp_path / "other" / "model.safetensors", weights)
+    assert weights.stat().st_size == size
+    runs = sorted(out.iterdir())
+    proc = swift(*common, "--max_steps", "6", "--resume_from_checkpoint", str(first / "checkpoint-4"), cwd=tmp_path)
+    assert proc.returncode != 0
+    errors = [line for line in proc.output.splitlines() if line.startswith("[GradPruner] error:")]
+    assert len(errors) == 1 and "model model.safetensors" in errors[0], proc.output[-3000:]
+    assert sorted(out.iterdir()) == runs  # refused before anything was written
+
+
 def test_auto_skip_loss_then_reprune_from_the_saved_phase_1(tiny, tmp_path, capsys):
-    """prune_layers=auto: the largest count (up to prune_ratio's) within the guard's threshold, chosen
-    by the removal-damage criterion on calibration rows. The same command with other pruning options
-    prunes again from the saved phase-1 state without training phase 1 - also with a criterion that
-    needs calibration rows when phase 1 ran with one that did not (the paper's); a tight threshold
-    warns and still trains; `gradprune prune --state` re-prunes outside swift."""
+    """prune_layers=auto with the paper's ranking: the largest count (up to prune_ratio's) within the guard's
+    threshold. The same command with other pruning options prunes again from the saved phase-1 state without
+    training phase 1; the removal-damage criterion (no phase 1) prepares the same held-out rows itself; a
+    tight threshold warns and still trains; `gradprune prune --state` re-prunes outside swift."""
     out = tmp_path / "runs"
     common = ["sft", "--model", str(tiny["llama"]), "--model_type", "llama", "--dataset", str(tiny["data"]), *COMMON,
               "--max_steps", "6", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
@@ -233,19 +280,22 @@ def test_auto_skip_loss_then_reprune_from_the_saved_phase_1(tiny, tmp_path, caps
     assert (state / "igia_state.json").is_file() and (state / "batches.safetensors").is_file()
     assert not list(state.glob("step-*.safetensors"))  # item 8: nothing merges, nothing reads the factors
 
-    tight = ["--gradprune_prune_layers", "4", "--gradprune_merge_layers", "0", "--gradprune_max_kl", "0",
-             "--gradprune_score", "skip_loss"]  # fmt: skip
-    proc = check(swift(*common, *tight, cwd=tmp_path))
+    tight = ["--gradprune_prune_layers", "4", "--gradprune_merge_layers", "0", "--gradprune_max_kl", "0"]
+    proc = check(swift(*common, *tight, "--gradprune_score", "norm", cwd=tmp_path))
     second = run_dir(out)
     assert second != first and f"pruning from {state}" in proc.output
-    criterion = report_of(out)["criterion"]
-    assert criterion["name"] == "skip_loss" and len(criterion["loss_after_removal"]) == 4
     assert "[GradPruner] phase 1 done" not in proc.output and not (second / "gradprune" / "state").exists()
     guard = report_of(out)["quality_guard"]
     assert report_of(out)["num_layers_after"] == 2 and report_of(out)["phase1_key"] == report["phase1_key"]
     assert not guard["ok"] and guard["kl"] > 0  # any removal moves the predictions: over a threshold of 0
     assert "[GradPruner] WARNING: pruned model's predictions on 32 held-out training rows" in proc.output
     assert (second / "checkpoint-6").is_dir()
+
+    proc = check(swift(*common, *tight, "--gradprune_score", "skip_loss", cwd=tmp_path))
+    assert "[GradPruner] no phase 1" in proc.output and "[GradPruner] phase 1 done" not in proc.output
+    criterion = report_of(out)["criterion"]
+    assert criterion["name"] == "skip_loss" and len(criterion["loss_after_removal"]) == 4
+    assert report_of(out)["rows_key"] == report["rows_key"]  # phase 1 held out the same rows
 
     from swift_gradpruner.cli import main
 
@@ -296,7 +346,7 @@ def test_gradprune_sft_command_needs_no_start_up_hook(tiny, tmp_path):
     out = tmp_path / "cmd"
     gradprune = Path(sys.executable).with_name("gradprune")
     proc = subprocess.run([str(gradprune), "sft", *args, "--output_dir", str(out)], cwd=tmp_path,
-                          env={**offline_env(), "MASTER_PORT": "29573", **env}, capture_output=True, text=True,
+                          env={**offline_env(), "MASTER_PORT": str(free_port()), **env}, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     report = report_of(out)

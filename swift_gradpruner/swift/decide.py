@@ -1,29 +1,35 @@
 """What this run does before phase 2, decided once, by rank 0, for every rank.
 
-Reusing a pruned model, pruning from a saved state, preparing the held-out rows without phase 1, or
-running phase 1: each sends the ranks into different collectives, so ranks that decided on their own
-(their own version tags, dataset digests, view of the file system) could hang. Rank 0 computes the
-keys (it alone hashes the dataset files), decides, and broadcasts the decision with what its keys are
-made of; every rank checks that its own settings, model files and package versions are the same and,
-if any rank differs, every rank stops with one line naming the rank and the setting.
+Reusing a pruned model, pruning from a saved state or running phase 1: each sends the ranks into
+different collectives, so ranks that decided on their own (their own version tags, view of the file
+system) could hang. Rank 0 computes the keys (keys.py: what each holds and why), decides, and
+broadcasts the decision; every rank checks that its own settings, model files and package versions
+are rank 0's and, if any rank differs, every rank stops with one line naming the rank and the setting.
+
+Without phase 1 (the default criterion) rank 0 prepares the held-out and calibration rows while
+deciding: the rows key is their hash, so the pruned model of an earlier run is reused exactly when the
+rows it was chosen on, the model and the pruning options are the same. With phase 1 the rows come out of
+phase 1; a saved phase-1 state with the same phase-1 key gives them without it (``after_phase1``).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..config import ADVISED_STEPS, FEWEST_STEPS, GradPruneConfig, GradPruneConfigError
 from ..payoff import estimate
 from . import keys, reuse
-from .distributed import alone, is_distributed, one_line
+from .distributed import alone, broadcast_from_rank0, is_distributed, on_rank0, one_line
 from .holdout import BATCHES_FILE, load_batches
 from .preflight import ModelFacts, estimate_total_steps, training_rows, world_size
+from .rows import prepare_rows
 
-REUSE, PRUNE, PHASE1, DATA = "reuse", "prune", "phase1", "data"
-"""Reuse a pruned model; prune from a saved state; run phase 1; prepare the rows without phase 1."""
+REUSE, PRUNE, PHASE1 = "reuse", "prune", "phase1"
+"""Reuse a pruned model; prune from a saved state (rows, and phase 1's gradients when it ran); run phase 1."""
 ZERO_B_INITS = (True, "true", "True", "gaussian")
 """peft LoRA initialisations that start B at 0 (swift's default is True): step 1's gradient is zero."""
 
@@ -31,16 +37,19 @@ ZERO_B_INITS = (True, "true", "True", "gaussian")
 @dataclass(frozen=True)
 class Decision:
     action: str
-    phase1_key: str
-    prune_key: str
-    pruned_dir: str
-    """Where phase 2's base model is (or will be) in this run's version folder."""
+    pruned_dir: str | None
+    """Where phase 2's base model is (or will be) in this run's version folder; PHASE1: known after it."""
+    prune_key: str | None
+    phase1_key: str | None = None
+    """Only when phase 1 runs or its saved state is used."""
     source_dir: str | None = None
     """REUSE: the earlier model, linked into ``pruned_dir`` when it lives elsewhere."""
     state_dir: str | None = None
-    """PRUNE: the saved state to prune from; PHASE1 / DATA: where the new state goes."""
+    """PRUNE: the saved state to prune from; PHASE1: where the new state goes."""
     material: dict[str, Any] = field(default_factory=dict)
-    """What the phase-1 key hashed on rank 0 (``keys.key_material``), for the new state's phase1.json."""
+    """What the state's phase1.json records of what made it (model identity, data, settings, versions)."""
+    rows_s: float = 0.0
+    """Seconds rank 0 spent preparing the held-out rows while deciding (no phase 1)."""
 
 
 def decide(args, config: GradPruneConfig, facts: ModelFacts) -> Decision:
@@ -49,37 +58,49 @@ def decide(args, config: GradPruneConfig, facts: ModelFacts) -> Decision:
     import torch.distributed as dist
 
     rank = dist.get_rank() if is_distributed() else 0
-    material = keys.key_material(args, config, data=False)
+    mine = keys.agreement(args, config)
     outcome: Decision | str | None = None
     failure: BaseException | None = None
     if rank == 0:
         try:
-            material["data"] = keys.dataset_digests(args)
-            with alone():  # the data may be loaded here, by rank 0 alone
-                outcome = _decide(args, config, material)
+            with alone():  # the data may be loaded and encoded here, by rank 0 alone
+                outcome = _decide(args, config)
                 _check_plan(args, config, facts, outcome)
         except Exception as error:  # every failure reaches every rank as one line
             failure, outcome = error, one_line(error, "deciding what this run does")
     if not is_distributed() or dist.get_world_size() == 1:
         return _result(outcome, failure)
-    shared = [outcome, {k: v for k, v in material.items() if k != "data"}]
+    shared = [outcome, mine]
     dist.broadcast_object_list(shared, src=0)
     outcome, reference = shared
-    mine = keys.differences(material, reference) if rank else []
+    diff = keys.differences(mine, reference) if rank else []
     views: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(views, mine)
-    disagreeing = [(r, diff) for r, diff in enumerate(views) if diff]
+    dist.all_gather_object(views, diff)
+    disagreeing = [(r, d) for r, d in enumerate(views) if d]
     if disagreeing:
         r, diff = disagreeing[0]
         name, theirs, ours = diff[0]
         more = sum(len(d) for _, d in disagreeing) - 1
         raise GradPruneConfigError(
-            f"the ranks disagree on what shapes phase 1, so they would take different paths and wait on each "
+            f"the ranks disagree on what shapes this run, so they would take different paths and wait on each "
             f"other: rank {r} has {name} = {theirs!r} where rank 0 has {ours!r}"
             + (f" ({more} more difference(s))" if more else "")
             + "; give every rank the same arguments, model files and package versions"
         )
     return _result(outcome, failure)
+
+
+def after_phase1(args, config: GradPruneConfig, decision: Decision) -> Decision:
+    """The PHASE1 decision completed once phase 1 saved its state: the prune key (its rows are known now)
+    and where the pruned model goes; computed by rank 0, the same on every rank."""
+
+    def complete() -> Decision:
+        state = Path(decision.state_dir)
+        rows = keys.rows_key(load_batches(state / BATCHES_FILE))
+        key = keys.prune_key(decision.material["model"], rows, decision.phase1_key, config, args.model_type)
+        return replace(decision, action=PRUNE, prune_key=key, pruned_dir=str(reuse.new_model_dir(args, key)))
+
+    return broadcast_from_rank0(on_rank0(complete, "keying the phase-1 state"))
 
 
 def _result(outcome: Decision | str | None, failure: BaseException | None = None) -> Decision:
@@ -91,23 +112,37 @@ def _result(outcome: Decision | str | None, failure: BaseException | None = None
     return outcome
 
 
-def _decide(args, config: GradPruneConfig, material: dict[str, Any]) -> Decision:
-    first = keys.phase1_key(material)
-    key = keys.prune_key(first, config)
-    here = Path(args.output_dir) / reuse.GRADPRUNE_DIR
+def _decide(args, config: GradPruneConfig) -> Decision:
+    identity = keys.model_identity(args.model_dir)
     if args.resume_from_checkpoint:
-        source = reuse.pruned_model_of_checkpoint(args.resume_from_checkpoint, key, material, config, _log_info)
+        source, key = reuse.pruned_model_of_checkpoint(args.resume_from_checkpoint, identity, config, _log_info)
+        return _reuse(args, source, key)
+    here = Path(args.output_dir) / reuse.GRADPRUNE_DIR
+    material = {"model": identity, "swift": keys.swift_settings(args), "versions": keys.versions(), "data": None}
+    if config.needs_gradients:
+        material["data"] = keys.dataset_digests(args)
+        first = keys.phase1_key(args, config, identity, material["data"])
+        state = reuse.find_state(args, first, config)
+        if state is None:
+            return Decision(PHASE1, None, None, first, state_dir=str(here / reuse.STATE_DIR), material=material)
+        rows, seconds = keys.rows_key(load_batches(state / BATCHES_FILE)), 0.0
     else:
-        source = reuse.find_pruned_model(args, key)
+        first, state, start = None, here / reuse.ROWS_DIR, time.perf_counter()
+        rows = prepare_rows(args, config, material, state)
+        seconds = time.perf_counter() - start
+    key = keys.prune_key(identity, rows, first, config, args.model_type)
+    source = reuse.find_pruned_model(args, key)
     if source is not None:
-        pruned = source if source.parent == here else reuse.new_model_dir(args, key)
-        return Decision(REUSE, first, key, str(pruned), source_dir=str(source))
-    pruned = reuse.new_model_dir(args, key)
-    state = reuse.find_state(args, first, config)
-    if state is not None:
-        return Decision(PRUNE, first, key, str(pruned), state_dir=str(state))
-    action = PHASE1 if config.needs_gradients else DATA
-    return Decision(action, first, key, str(pruned), state_dir=str(here / reuse.STATE_DIR), material=material)
+        return _reuse(args, source, key)
+    return Decision(PRUNE, str(reuse.new_model_dir(args, key)), key, first, state_dir=str(state),
+                    material=material, rows_s=seconds)  # fmt: skip
+
+
+def _reuse(args, source: Path, key: str) -> Decision:
+    """Reuse ``source``: in place when it is this run's own, else linked into this version folder."""
+    here = Path(args.output_dir) / reuse.GRADPRUNE_DIR
+    pruned = source if source.parent == here else reuse.new_model_dir(args, key)
+    return Decision(REUSE, str(pruned), key, source_dir=str(source))
 
 
 def _log_info(line: str) -> None:
@@ -125,19 +160,20 @@ def _check_plan(args, config: GradPruneConfig, facts: ModelFacts, decision: Deci
         return
     auto = config.prune_layers == "auto"
     total = args.max_steps if args.max_steps and args.max_steps > 0 else None
-    rows = training_rows(args) if total is None or (auto and decision.action != PRUNE) else None
+    saved = decision.action == PRUNE and decision.phase1_key is not None  # an earlier run's phase-1 state
+    rows = training_rows(args) if total is None or (auto and not saved) else None
     if total is None and rows is not None:
         total = estimate_total_steps(args, rows)
-    if auto and decision.action == PRUNE and not load_batches(Path(decision.state_dir) / BATCHES_FILE)["guard"]:
-        raise GradPruneConfigError(
-            f"--gradprune_prune_layers auto measures the loss on held-out rows and the saved state "
-            f"{decision.state_dir} has none; set --gradprune_prune_layers to a number"
-        )
     if auto and rows is not None and rows < 4 * config.guard_rows:
         raise GradPruneConfigError(
             f"--gradprune_prune_layers auto measures the loss on --gradprune_guard_rows {config.guard_rows} held-out "
             f"rows, which needs a training set of at least {4 * config.guard_rows} rows; it has {rows}: lower "
             "--gradprune_guard_rows or set --gradprune_prune_layers to a number"
+        )
+    if auto and decision.action == PRUNE and not load_batches(Path(decision.state_dir) / BATCHES_FILE)["guard"]:
+        raise GradPruneConfigError(
+            f"--gradprune_prune_layers auto measures the loss on held-out rows and the state "
+            f"{decision.state_dir} has none (a streaming dataset); set --gradprune_prune_layers to a number"
         )
     steps = 0
     if decision.action == PHASE1 and total is not None:

@@ -82,7 +82,7 @@ def _save_state(args, key: str, material: dict, state_dir: Path, phase1, accumul
         "deepspeed": bool(args.deepspeed), "world_size": world_size(), "output_dir": str(phase1_dir),
     }  # fmt: skip
     batches = {"guard": phase1.guard or [], "calibration": phase1.calibration or []}
-    write_state(state_dir, state_info(args, key, facts, material, igia=True), batches, accumulator)
+    write_state(state_dir, state_info(args, key, batches, facts, material), batches, accumulator)
     disk = sum(p.stat().st_size for p in state_dir.iterdir() if p.is_file())
     factors = "without gradient factors (no merge reads them)"
     if keep:
@@ -207,9 +207,12 @@ def _phase1_pipeline_class():
         def train(self, trainer):
             from swift.utils import is_master
 
-            if is_master():
-                batches = encode_rows(self.template, self.train_rows, self.held_out, self.gradprune_config,
-                                      self.args.per_device_train_batch_size, self.args.data_seed)  # fmt: skip
+            # Every rank meets here: a failure to encode the rows on rank 0 stops them all with one line
+            # instead of leaving the others in training's first collective.
+            encode = partial(encode_rows, self.template, self.train_rows, self.held_out, self.gradprune_config,
+                             self.args.per_device_train_batch_size, self.args.data_seed)  # fmt: skip
+            batches = on_rank0(encode, "encoding the held-out and calibration rows")
+            if batches is not None:
                 self.guard, self.calibration = batches["guard"], batches["calibration"]
             self.capture = IGIACaptureCallback(
                 trainer, self.gradprune_config.phase1_steps, self.accumulator, accumulate=is_master()

@@ -13,9 +13,10 @@ import torch
 from ..bench.inference import describe
 from ..config import GradPruneConfig, GradPruneConfigError
 from ..importance import drop_factors, load_state
+from ..report import update_report
 from .distributed import on_rank0
 from .holdout import BATCHES_FILE, load_batches
-from .keys import swift_version
+from .keys import model_identity, swift_version
 from .reuse import PHASE1_FILE, state_contents
 from .rows import REPORTED
 
@@ -49,6 +50,7 @@ def prune_from_state(args, config: GradPruneConfig, state_dir: Path, key: str, p
         prune_checkpoint(args.model_dir, accumulator, config, pruned_dir, extra, swift_args,
                          guard=batches["guard"] or None, calibration=batches["calibration"] or None,
                          log=logger.info, warn=logger.warning)  # fmt: skip
+        update_report(pruned_dir, pruned_identity=model_identity(pruned_dir))  # what a resume checks it against
         if created and contents["factors"] and not config.keep_state:
             freed = drop_factors(state_dir)
             logger.info(f"[GradPruner] deleted the phase-1 gradient factors ({freed / 2**20:.1f} MiB) from {state_dir} "

@@ -3,9 +3,9 @@ user's own run.
 
 1. Parse the user's ``swift sft`` arguments and check everything that can be checked before a model
    is loaded (architecture, layer counts, LoRA targets, the data's size, the phase-1 step count).
-2. Rank 0 decides, for every rank (decide.py): reuse a pruned model, prune from a saved state, or
-   start afresh - with phase 1 when an IGIA score or a merge reads its gradients, else straight from
-   the data to the criterion.
+2. Rank 0 fetches the weights of a hub model (hub.py) and decides, for every rank (decide.py): reuse
+   a pruned model, prune from a saved state, or run phase 1 when an IGIA score or a merge reads its
+   gradients; without phase 1 it prepares the held-out rows while deciding (their hash is the rows key).
 3. Phase 1 (when needed): the same run with LoRA on the user's data, template and schedule, stopped
    after t optimizer steps while its gradients are captured.
 4. Rank 0 reloads the base weights from disk, chooses, merges and removes layers, and saves the
@@ -18,23 +18,21 @@ The report and the last log line give the whole run's time against an estimate o
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ..config import GradPruneConfig, GradPruneConfigError
 from ..payoff import WholeRun
-from ..report import REPORT_NAME, read_report
-from .decide import DATA, PHASE1, REUSE, Decision, decide
+from ..report import REPORT_NAME, read_report, update_report
+from .decide import PHASE1, REUSE, Decision, after_phase1, decide
 from .distributed import check_shared_output_dir, last_line, on_rank0
+from .hub import fetch_weights
 from .phase1 import discard_phase1, record_failure, run_phase1
 from .phases import drop_flags, hand_back_cuda_memory, prune_from_state, summary
 from .preflight import check_argv_paths, parse_sft_args, preflight, remove_empty_output_dirs
-from .reuse import link_model, remove_stale_temporaries, state_contents
-from .rows import prepare_rows
+from .reuse import link_model, remove_stale_temporaries
 
 
 def run(argv: list[str], config: GradPruneConfig) -> dict[str, Any]:
@@ -53,16 +51,22 @@ def run(argv: list[str], config: GradPruneConfig) -> dict[str, Any]:
     try:
         facts = preflight(args, config)
         check_shared_output_dir(args.output_dir)
+        stale = on_rank0(lambda: remove_stale_temporaries(args.output_dir), "removing stale temporaries")
+        if stale:
+            logger.info(f"[GradPruner] removed what an interrupted run left half-written: {', '.join(stale)}")
+        fetched = on_rank0(lambda: fetch_weights(args), "downloading the model's weights")
         decision = decide(args, config, facts)
     except GradPruneConfigError:
         remove_empty_output_dirs(args)
         raise
-    stages = {"start-up and checks": time.perf_counter() - start}
-    stale = on_rank0(lambda: remove_stale_temporaries(args.output_dir), "removing stale temporaries")
-    if stale:
-        logger.info(f"[GradPruner] removed what an interrupted run left half-written: {', '.join(stale)}")
+    stages = {"start-up and checks": time.perf_counter() - start - decision.rows_s - (fetched or 0.0)}
+    if fetched:
+        stages["downloading the weights"] = fetched
+    if decision.rows_s:
+        stages["held-out rows"] = decision.rows_s
+    decision, prepared = _prepare_model(argv, args, config, decision, zero_dropout=facts.wraps_parameters)
+    stages.update(prepared)
     pruned_dir = Path(decision.pruned_dir)
-    stages.update(_prepare_model(argv, args, config, decision, zero_dropout=facts.wraps_parameters))
     report = read_report(pruned_dir)
     logger.info(f"[GradPruner] {summary(report)}; phase 2 trains {pruned_dir}")
     phase2 = [*argv, "--model", str(pruned_dir), "--model_type", args.model_type, "--template", args.template,
@@ -73,7 +77,7 @@ def run(argv: list[str], config: GradPruneConfig) -> dict[str, Any]:
     end = time.perf_counter()
     whole = _whole_run(report, stages, startup, end - start, end - phase2_start, result.get("log_history") or [])
     if is_master():
-        _add_to_report(pruned_dir, "whole_run", whole.to_dict())
+        update_report(pruned_dir, whole_run=whole.to_dict())
     logger.info(f"[GradPruner] {whole.line()}")
     result["gradprune"] = {"pruned_model": str(pruned_dir), "report": str(pruned_dir / REPORT_NAME),
                            "whole_run": whole.to_dict()}  # fmt: skip
@@ -81,47 +85,40 @@ def run(argv: list[str], config: GradPruneConfig) -> dict[str, Any]:
 
 
 def _prepare_model(argv: list[str], args, config: GradPruneConfig, decision: Decision, *,
-                   zero_dropout: bool) -> dict[str, float]:  # fmt: skip
-    """Make the pruned model of ``decision`` exist in this run's version folder; the seconds by stage.
-    ``zero_dropout``: phase 1's LoRA wraps fused experts (preflight's ModelFacts.wraps_parameters)."""
+                   zero_dropout: bool) -> tuple[Decision, dict[str, float]]:  # fmt: skip
+    """Make the pruned model of ``decision`` exist in this run's version folder: the decision (completed
+    after phase 1) and the seconds by stage. ``zero_dropout``: phase 1's LoRA wraps fused experts
+    (preflight's ModelFacts.wraps_parameters)."""
     from swift.utils import get_logger
 
     logger = get_logger()
-    pruned_dir = Path(decision.pruned_dir)
     if decision.action == REUSE:
-        source = Path(decision.source_dir)
+        source, pruned_dir = Path(decision.source_dir), Path(decision.pruned_dir)
         if source == pruned_dir:
             logger.info(f"[GradPruner] reusing the pruned model of an earlier run with the same settings: {source}")
-            return {}
+            return decision, {}
         how = on_rank0(lambda: link_model(source, pruned_dir), "linking the earlier pruned model")
         logger.info(f"[GradPruner] reusing the pruned model of an earlier run with the same settings: {source} "
                     f"({how} into {pruned_dir}: its checkpoints do not depend on the earlier folder)")  # fmt: skip
-        return {}
+        return decision, {}
     state = Path(decision.state_dir)
     stages: dict[str, float] = {}
-    start = time.perf_counter()
-    if decision.action == PHASE1:
+    created = decision.action == PHASE1
+    if created:
+        start = time.perf_counter()
         _phase1_or_one_line(argv, args, config, decision, zero_dropout)
+        decision = after_phase1(args, config, decision)
         stages["phase 1"] = time.perf_counter() - start
-    elif decision.action == DATA:
-        try:
-            rows = partial(prepare_rows, args, config, decision.phase1_key, decision.material, state)
-            on_rank0(rows, "reading the training rows")
-        except BaseException:
-            remove_empty_output_dirs(args)
-            raise
-        stages["held-out rows"] = time.perf_counter() - start
-    else:
-        saved = "phase-1 state" if state_contents(state)["igia"] else "held-out rows (no phase 1 was needed)"
-        logger.info(f"[GradPruner] an earlier run with the same settings saved its {saved}: pruning from {state}")
-    prune_s = prune_from_state(args, config, state, decision.prune_key, pruned_dir,
-                               created=decision.action == PHASE1)  # fmt: skip
+    elif decision.phase1_key is not None:
+        logger.info(f"[GradPruner] an earlier run with the same settings saved its phase-1 state: pruning from {state}")
+    pruned_dir = Path(decision.pruned_dir)
+    prune_s = prune_from_state(args, config, state, decision.prune_key, pruned_dir, created=created)
     measured = (read_report(pruned_dir) or {}).get("stage_seconds", {})
     names = {"load": "loading the model", "choice": "choosing layers (criterion, guard)",
              "surgery": "merge and removal", "timing": "dense-vs-pruned timing"}  # fmt: skip
     stages.update({names.get(k, k): v for k, v in measured.items()})
     stages["saving and the rest of pruning"] = max(prune_s - sum(measured.values()), 0.0)
-    return stages
+    return decision, stages
 
 
 def _phase1_or_one_line(argv: list[str], args, config: GradPruneConfig, decision: Decision,
@@ -166,14 +163,3 @@ def _whole_run(report: dict, stages: dict[str, float], startup: float, total: fl
         ratio, source = float(report.get("kept_compute_fraction", 1.0)), "estimated: the FLOP fraction kept"
     return WholeRun(total_s=startup + total, startup_s=startup, stages_s=stages, phase2_s=phase2,
                     phase2_train_s=train, step_ratio=ratio, ratio_source=source)  # fmt: skip
-
-
-def _add_to_report(pruned_dir: Path, name: str, value: Any) -> None:
-    """Set one entry of the pruned model's report; a new file renamed over the old one, so a hard-linked
-    copy of the same model elsewhere keeps its own report."""
-    path = pruned_dir / REPORT_NAME
-    report = json.loads(path.read_text(encoding="utf-8"))
-    report[name] = value
-    tmp = path.with_name(f".{REPORT_NAME}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

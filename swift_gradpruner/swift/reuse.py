@@ -1,8 +1,9 @@
 """Finding earlier work again (keys.py says what identifies it), and keeping every checkpoint's base.
 
-* A saved *state* (``<output_dir>/gradprune/state``: the held-out and calibration rows, and, when
-  phase 1 ran, the IGIA sums and possibly the per-step gradient factors) with the same phase-1 key
-  skips phase 1 or the data preparation, if it holds what this run reads.
+* A saved phase-1 *state* (``<output_dir>/gradprune/state``: the held-out and calibration rows, the
+  IGIA sums and possibly the per-step gradient factors) with the same phase-1 key skips phase 1, if it
+  holds what this run reads. Without phase 1 the rows are prepared every run (they are what the rows
+  key hashes) and saved as a state of their own, ``gradprune/rows``.
 * A *pruned model* whose report has the same prune key is reused as is. Each version folder holds its
   own copy (hard links: no extra disk) of the model its checkpoints name, so deleting an earlier
   ``v*`` folder orphans nothing; a model folder is never overwritten by one made with other settings
@@ -22,11 +23,13 @@ from ..config import GradPruneConfig, GradPruneConfigError
 from ..importance import state_has_factors
 from ..report import read_report
 from ..surgery import atomic_dir
-from .keys import NOT_PRUNING, differences
+from .keys import differences, model_identity, pruning_options, versions
 
 GRADPRUNE_DIR = "gradprune"
 MODEL_DIR = "model"
 STATE_DIR = "state"
+ROWS_DIR = "rows"
+"""Without phase 1 the held-out rows are a state of their own, so they never replace a phase-1 state."""
 PHASE1_FILE = "phase1.json"
 
 
@@ -86,49 +89,48 @@ def new_model_dir(args, key: str) -> Path:
     return plain if not plain.exists() else folder / f"{MODEL_DIR}-{key}"
 
 
-def pruned_model_of_checkpoint(checkpoint: str, key: str, material: dict[str, Any], config: GradPruneConfig,
-                               log: Callable[[str], None]) -> Path:  # fmt: skip
-    """The pruned model a phase-2 checkpoint was trained on; it must come from these same settings, data
-    and model. Package versions cannot change a model that is already on disk: when only they differ,
-    ``log`` says which and the run goes on."""
+def pruned_model_of_checkpoint(checkpoint: str, identity: dict[str, Any], config: GradPruneConfig,
+                               log: Callable[[str], None]) -> tuple[Path, str]:  # fmt: skip
+    """The pruned model a phase-2 checkpoint was trained on, and its prune key. It must be intact (its weight
+    files as they were saved) and made from this base model (``identity``) with these pruning options;
+    nothing of phase 2 counts. Other package versions cannot change a model already on disk: ``log`` says
+    which and the run goes on."""
     args_file = Path(checkpoint) / "args.json"
     model = json.loads(args_file.read_text())["model"] if args_file.is_file() else None
     report = read_report(model) if model else None
-    made = made_with(report) if report else None
-    changed = [] if made is None else _changes(material, config, made, report)
-    versions_only = all(name.startswith("versions ") for name, _, _ in changed)
-    if report is None or (report.get("config_hash") != key and (made is None or not versions_only)):
-        what = (f"it was trained on {model}, which is not a GradPruner model made with the same swift and --gradprune "
-                "arguments") if not changed else "what made its pruned model differs: " + _listed(changed)  # fmt: skip
-        raise GradPruneConfigError(
-            f"--resume_from_checkpoint {checkpoint} cannot be resumed with these settings: {what}; repeat the "
-            "original command's arguments, or start again without --resume_from_checkpoint"
-        )
-    if changed:
-        log(f"[GradPruner] resuming {checkpoint} with other package versions than its pruned model was made with "
-            f"({_listed(changed)}): the pruned model on disk is the same, so the run goes on")  # fmt: skip
-    return Path(model)
-
-
-def made_with(report: dict[str, Any]) -> dict[str, Any] | None:
-    """The key material a pruned model's report records, but its GradPruner options (the report's
-    ``config``); None for reports of older versions."""
-    if "versions" not in report or "config" not in report:
-        return None
-    return {"swift": report.get("swift_settings"), "model": report.get("model_fingerprint"),
-            "versions": report["versions"], "data": report.get("data_digests")}  # fmt: skip
-
-
-def _changes(material: dict[str, Any], config: GradPruneConfig, made: dict[str, Any], report: dict[str, Any],
-             ) -> list[tuple[str, Any, Any]]:  # fmt: skip
-    """What differs between this run and the one that made a pruned model: settings, data, model files,
-    package versions, GradPruner options."""
-    out = differences(material, made, ("swift", "model", "versions", "data"))
+    if report is None or "model_identity" not in report:
+        what = "it names no model" if model is None else (
+            f"it was trained on {model}, which is not a GradPruner model made by this version"
+            + (" (its report predates the model identity)" if report else ""))  # fmt: skip
+        raise GradPruneConfigError(f"--resume_from_checkpoint {checkpoint} cannot be resumed: {what}; start again "
+                                   "without --resume_from_checkpoint")  # fmt: skip
+    changed = [*_damage(Path(model), report), *differences({"model": identity}, {"model": report["model_identity"]},
+                                                           ("model",))]  # fmt: skip
     recorded = report["config"]
-    for name, value in config.to_dict().items():
-        if name not in NOT_PRUNING and recorded.get(name) != value:
-            out.append((f"gradprune {name}", value, recorded.get(name)))
-    return out
+    for name, value in pruning_options(config).items():
+        if recorded.get(name) != value:
+            changed.append((f"gradprune {name}", value, recorded.get(name)))
+    if changed:
+        raise GradPruneConfigError(
+            f"--resume_from_checkpoint {checkpoint} cannot be resumed with these settings: what made its pruned model "
+            f"{model} differs: {_listed(changed)}; repeat the original command's model and --gradprune options, or "
+            "start again without --resume_from_checkpoint"
+        )
+    moved = differences({"versions": versions()}, {"versions": report.get("versions") or {}}, ("versions",))
+    if moved:
+        log(f"[GradPruner] resuming {checkpoint} with other package versions than its pruned model was made with "
+            f"({_listed(moved)}): the pruned model on disk is the same, so the run goes on")  # fmt: skip
+    return Path(model), report["config_hash"]
+
+
+def _damage(model: Path, report: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """How the pruned model's files differ from what was saved (``pruned_identity`` in its report)."""
+    saved = report.get("pruned_identity")
+    if saved is None:  # the run stopped between saving the model and recording its identity
+        return [] if (model / "config.json").is_file() else [("pruned model config.json", None, "present")]
+    now = model_identity(model) if model.is_dir() else {}
+    return [(f"pruned model {name}", now.get(name), saved.get(name)) for name in sorted(set(now) | set(saved))
+            if now.get(name) != saved.get(name)]  # fmt: skip
 
 
 def _listed(changed: list[tuple[str, Any, Any]]) -> str:
@@ -158,12 +160,13 @@ def link_model(source: Path, target: Path) -> str:
 
 def remove_stale_temporaries(output_dir: str | Path) -> list[str]:
     """Delete what a killed run left half-written under ``<output_dir>/gradprune``: ``.model*.tmp``
-    (an interrupted save), ``.model*.old-*`` and ``.state.building``. Returns their names."""
+    (an interrupted save), ``.model*.old-*``, ``.state.building`` and ``.rows.building``. Returns their names."""
     folder = Path(output_dir) / GRADPRUNE_DIR
     stale = [
         *folder.glob(f".{MODEL_DIR}*.tmp"),
         *folder.glob(f".{MODEL_DIR}*.old-*"),
         *folder.glob(f".{STATE_DIR}.building"),
+        *folder.glob(f".{ROWS_DIR}.building"),
     ]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)

@@ -58,29 +58,33 @@ def write_state(state_dir: Path, info: dict, batches: dict[str, list], accumulat
     building.rename(state_dir)
 
 
-REPORTED = ("phase1", "source_model", "model_fingerprint", "swift_settings", "versions", "data_digests")
+REPORTED = ("phase1", "source_model", "model_identity", "rows_key", "swift_settings", "versions", "data_digests")
 """What a state's phase1.json passes on to the pruned model's report (what it was made from)."""
 
 
-def state_info(args, key: str, phase1: dict | None, material: dict[str, Any], *, igia: bool) -> dict:
-    """phase1.json: the key and what it hashed (``keys.key_material``), what phase 1 did (None: it did
-    not run), the source model."""
+def state_info(args, phase1_key: str | None, batches: dict[str, list], phase1: dict | None,
+               material: dict[str, Any]) -> dict:  # fmt: skip
+    """phase1.json: the keys (keys.py), what phase 1 did (None: it did not run), the source model and what
+    made the state (``material``: model identity, swift settings, versions, the data's digests)."""
+    from .keys import rows_key
+
     return {
-        "phase1_key": key,
+        "phase1_key": phase1_key,
+        "rows_key": rows_key(batches),
         "phase1": phase1,
-        "contents": {"igia": igia},
+        "contents": {"igia": phase1 is not None},
         "source_model": args.model_dir,
-        "model_fingerprint": material["model"],
+        "model_identity": material["model"],
         "swift_settings": material["swift"],
         "versions": material["versions"],
-        "data_digests": material["data"],
+        "data_digests": material.get("data"),
         "swift_args": {"model_type": args.model_type, "template": args.template},
     }
 
 
-def prepare_rows(args, config: GradPruneConfig, key: str, material: dict[str, Any], state_dir: Path) -> float:
+def prepare_rows(args, config: GradPruneConfig, material: dict[str, Any], state_dir: Path) -> str:
     """Rank 0, without phase 1: load the data, hold out and encode the rows, save them as a state
-    (no gradients). Returns the seconds it took."""
+    (no gradients). Returns the rows key (keys.rows_key)."""
     from swift.utils import get_logger
 
     start = time.perf_counter()
@@ -90,11 +94,11 @@ def prepare_rows(args, config: GradPruneConfig, key: str, material: dict[str, An
     train, _ = pipeline._get_dataset()  # the user's own arguments: the user's split ratio
     train, held_out = split_off(train, config, args.data_seed, logger.warning)
     batches = encode_rows(pipeline.template, train, held_out, config, args.per_device_train_batch_size, args.data_seed)
-    write_state(state_dir, state_info(args, key, None, material, igia=False), batches, None)
-    seconds = time.perf_counter() - start
+    info = state_info(args, None, batches, None, material)
+    write_state(state_dir, info, batches, None)
     logger.info(f"[GradPruner] {len(batches['guard'])} guard and {len(batches['calibration'])} calibration batches "
-                f"ready in {seconds:.1f} s (saved in {state_dir})")  # fmt: skip
-    return seconds
+                f"ready in {time.perf_counter() - start:.1f} s (saved in {state_dir})")  # fmt: skip
+    return info["rows_key"]
 
 
 def _data_pipeline_class():
