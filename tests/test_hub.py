@@ -124,7 +124,8 @@ def test_the_qwen2_5_7b_example_as_typed_with_the_default_criterion(hub, tmp_pat
     cpu = ["--dataset", str(data), "--torch_dtype", "float32", "--num_train_epochs", "1", "--max_steps", "4",
            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_length", "256",
            "--gradient_checkpointing", "false", "--dataloader_num_workers", "0", "--check_model", "false",
-           "--report_to", "none", "--output_dir", str(out), "--save_steps", "4", "--gradprune_benchmark", "false"]
+           "--report_to", "none", "--output_dir", str(out), "--save_steps", "4",
+           "--gradprune_benchmark", "false"]  # fmt: skip
     proc = check(swift("sft", str(config_file), *cpu, cwd=tmp_path, env={**server.env(tmp_path / "cache")}))
     assert f"[GradPruner] fetching the weights of {QWEN}" in proc.output
     report = report_of(out)
