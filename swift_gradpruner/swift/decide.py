@@ -124,11 +124,18 @@ def _decide(args, config: GradPruneConfig) -> Decision:
         first = keys.phase1_key(args, config, identity, material["data"])
         state = reuse.find_state(args, first, config)
         if state is None:
+            _enough_rows_for_auto(args, config)
             return Decision(PHASE1, None, None, first, state_dir=str(here / reuse.STATE_DIR), material=material)
         rows, seconds = keys.rows_key(load_batches(state / BATCHES_FILE)), 0.0
     else:
+        _enough_rows_for_auto(args, config)
         first, state, start = None, here / reuse.ROWS_DIR, time.perf_counter()
-        rows = prepare_rows(args, config, material, state)
+        try:
+            rows = prepare_rows(args, config, material, state)
+        except GradPruneConfigError:
+            raise
+        except Exception as error:
+            raise GradPruneConfigError(one_line(error, "reading the training rows")) from error
         seconds = time.perf_counter() - start
     key = keys.prune_key(identity, rows, first, config, args.model_type)
     source = reuse.find_pruned_model(args, key)
@@ -151,8 +158,22 @@ def _log_info(line: str) -> None:
     get_logger().info(line)
 
 
+def _enough_rows_for_auto(args, config: GradPruneConfig) -> None:
+    """prune_layers=auto measures on held-out rows: refuse a training set too small to hold them out, before
+    any row is encoded or phase 1 runs."""
+    if config.prune_layers != "auto":
+        return
+    rows = training_rows(args)
+    if rows is not None and rows < 4 * config.guard_rows:
+        raise GradPruneConfigError(
+            f"--gradprune_prune_layers auto measures the loss on --gradprune_guard_rows {config.guard_rows} held-out "
+            f"rows, which needs a training set of at least {4 * config.guard_rows} rows; it has {rows}: lower "
+            "--gradprune_guard_rows or set --gradprune_prune_layers to a number"
+        )
+
+
 def _check_plan(args, config: GradPruneConfig, facts: ModelFacts, decision: Decision) -> None:
-    """Rank 0's checks that need the data or a saved state (not the weights): enough rows for
+    """Rank 0's checks that need the data or a saved state (not the weights): held-out rows in the state for
     prune_layers=auto, a phase-1 step count that fits the run, and whether pruning can pay off."""
     from swift.utils import get_logger
 
@@ -160,16 +181,9 @@ def _check_plan(args, config: GradPruneConfig, facts: ModelFacts, decision: Deci
         return
     auto = config.prune_layers == "auto"
     total = args.max_steps if args.max_steps and args.max_steps > 0 else None
-    saved = decision.action == PRUNE and decision.phase1_key is not None  # an earlier run's phase-1 state
-    rows = training_rows(args) if total is None or (auto and not saved) else None
-    if total is None and rows is not None:
-        total = estimate_total_steps(args, rows)
-    if auto and rows is not None and rows < 4 * config.guard_rows:
-        raise GradPruneConfigError(
-            f"--gradprune_prune_layers auto measures the loss on --gradprune_guard_rows {config.guard_rows} held-out "
-            f"rows, which needs a training set of at least {4 * config.guard_rows} rows; it has {rows}: lower "
-            "--gradprune_guard_rows or set --gradprune_prune_layers to a number"
-        )
+    if total is None:
+        rows = training_rows(args)
+        total = estimate_total_steps(args, rows) if rows is not None else None
     if auto and decision.action == PRUNE and not load_batches(Path(decision.state_dir) / BATCHES_FILE)["guard"]:
         raise GradPruneConfigError(
             f"--gradprune_prune_layers auto measures the loss on held-out rows and the state "
