@@ -24,6 +24,9 @@ def generate(model_dir: str, prompts: list[list[int]], max_tokens: int) -> dict[
     """
     from vllm import LLM, SamplingParams
 
+    # Multi-head latent attention (DeepSeek-V3): on a CPU with AMX vLLM picks its AMX kernel, which takes no
+    # float32 weights; its reference CPU kernel does.
+    mla = "kv_lora_rank" in json.loads((Path(model_dir) / "config.json").read_text())
     llm = LLM(
         model=model_dir,
         dtype="float32",
@@ -31,6 +34,7 @@ def generate(model_dir: str, prompts: list[list[int]], max_tokens: int) -> dict[
         enforce_eager=True,
         seed=0,
         distributed_executor_backend="uni",
+        **({"attention_backend": "CPU_MLA"} if mla else {}),
     )
     try:
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=1)
