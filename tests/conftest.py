@@ -1,11 +1,16 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# pytest-xdist workers share the cores: each worker's torch, and the swift processes it starts (they inherit
+# OMP_NUM_THREADS), take their share instead of all of them (oversubscribed OpenMP threads spin and stall).
+THREADS = max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +49,14 @@ def tensors_of(folder) -> dict[str, torch.Tensor]:
         with safe_open(path, framework="pt") as f:
             out[key] = f.get_tensor(key)
     return out
+
+
+HEAVY_FIRST = ("test_swift_e2e", "test_multinode", "test_families_swift", "test_swift_deepspeed", "test_vllm_serving",
+               "test_multirank", "test_hub", "test_models", "test_demo", "test_bench")  # fmt: skip
+"""The longest test files (minutes each: swift sft, DeepSpeed, vLLM), started first, so that the two pytest
+workers (-n 2 --dist loadfile) do not end with one of them running a long file alone."""
+
+
+def pytest_collection_modifyitems(items) -> None:
+    order = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: order.get(Path(item.nodeid.split("::")[0]).stem, len(order)))

@@ -22,7 +22,7 @@ def swift(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) ->
     proc = subprocess.run(
         [*swift_command(), *args],
         cwd=cwd,
-        env={**offline_env(), "MASTER_PORT": "29571", **(env or {})},
+        env={**offline_env(), "MASTER_PORT": str(free_port()), **(env or {})},  # tests may run side by side
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
