@@ -26,6 +26,20 @@ class Rows(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": torch.tensor(self.items[i]["attention_mask"]), "labels": ids}
 
 
+@pytest.fixture(autouse=True)
+def plain_transformers_callbacks():
+    """These tests run transformers' own Trainer. Importing swift anywhere in the process (another test file
+    on the same pytest worker) swaps transformers' default flow callback for one that reads swift's own
+    TrainingArguments (``swift.trainers.patcher``); put transformers' back for the test (a patch of its own:
+    a test may undo its ``monkeypatch``)."""
+    import transformers.trainer
+    from transformers.trainer_callback import DefaultFlowCallback
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(transformers.trainer, "DEFAULT_CALLBACKS", [DefaultFlowCallback])
+        yield
+
+
 def trainer_for(tokenizer, tmp_path, **overrides):
     model = get_peft_model(build_model("llama", 2, len(tokenizer)), LoraConfig(r=4, target_modules="all-linear"))
     settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,

@@ -152,4 +152,4 @@ def test_a_failure_of_rank_0_while_deciding_stops_both_ranks_with_one_line(tiny,
     assert proc.returncode != 0, proc.output[-4000:]
     errors = {line for line in proc.output.splitlines() if line.startswith("[GradPruner] error:")}
     assert len(errors) == 1, proc.output[-4000:]
-    assert errors.pop().startswith("[GradPruner] error: deciding what this run does failed: "), proc.output[-4000:]
+    assert errors.pop().startswith("[GradPruner] error: reading the training rows failed: "), proc.output[-4000:]
