@@ -21,6 +21,17 @@ def tokenizer():
     return build_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A saved 5-layer tiny Llama with the session's tokenizer (the evaluation harness's tests)."""
+    from swift_gradpruner.tiny import build_model
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    build_model("llama", num_layers=5, vocab_size=len(tokenizer), seed=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def random_lora_grads(model, rank=4, steps=3, seed=0, scale=1e-3):
     """Per-step random (gA, gB) for every linear in the decoder layers, named as in the base model."""
     gen = torch.Generator().manual_seed(seed)

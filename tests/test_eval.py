@@ -108,14 +108,6 @@ def test_method_specs():
     assert full.config(6) == plain.config(6) and full.full == "last" and plain.full is None
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    build_model("llama", num_layers=5, vocab_size=len(tokenizer), seed=1).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def test_eval_smoke_run_resumes(tiny_dir, tmp_path, monkeypatch):
     from swift_gradpruner.evaluation import summary
     from swift_gradpruner.evaluation.summary import write_outputs

