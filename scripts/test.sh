@@ -13,4 +13,4 @@ if [ "${1:-}" = "--fast" ]; then
     tier=(-m "not slow")
 fi
 ruff check .
-python -m pytest -q -rs --durations=30 -n 2 --dist loadfile "${tier[@]}" "$@"
+python -m pytest -q -rs --durations=30 -n 2 --dist loadfile --no-loadscope-reorder "${tier[@]}" "$@"

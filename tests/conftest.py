@@ -63,10 +63,12 @@ def tensors_of(folder) -> dict[str, torch.Tensor]:
     return out
 
 
-HEAVY_FIRST = ("test_swift_e2e", "test_multinode", "test_families_swift", "test_swift_deepspeed", "test_vllm_serving",
-               "test_multirank", "test_hub", "test_models", "test_demo", "test_bench")  # fmt: skip
-"""The longest test files (minutes each: swift sft, DeepSpeed, vLLM), started first, so that the two pytest
-workers (-n 2 --dist loadfile) do not end with one of them running a long file alone."""
+HEAVY_FIRST = ("test_swift_deepspeed", "test_swift_e2e", "test_demo", "test_multinode", "test_families_swift",
+               "test_vllm_serving", "test_multirank", "test_hub", "test_models", "test_bench")  # fmt: skip
+"""The longest test files (minutes each: swift sft, DeepSpeed, vLLM; slowest first as measured in a fresh clone,
+test_swift_deepspeed with DeepSpeed's JIT builds), started first, so that the two pytest workers do not end with
+one of them running a long file alone. scripts/test.sh passes --no-loadscope-reorder: xdist's own order would
+put the files with the most tests first (test_demo, one test, went last)."""
 
 
 def pytest_collection_modifyitems(items) -> None:
