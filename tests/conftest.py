@@ -10,7 +10,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # OMP_NUM_THREADS), take their share instead of all of them (oversubscribed OpenMP threads spin and stall).
 THREADS = max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
-os.environ.setdefault("MAX_JOBS", str(THREADS))  # DeepSpeed's first JIT build of its CPU ops (ninja's compile jobs)
 torch.set_num_threads(THREADS)
 
 
