@@ -47,7 +47,8 @@ class Decision:
     state_dir: str | None = None
     """PRUNE: the saved state to prune from; PHASE1: where the new state goes."""
     material: dict[str, Any] = field(default_factory=dict)
-    """What the state's phase1.json records of what made it (model identity, data, settings, versions)."""
+    """PHASE1: what the new state's phase1.json records of what made it (model identity, data, settings,
+    versions); the prune key after phase 1 takes the model identity from it."""
     rows_s: float = 0.0
     """Seconds rank 0 spent preparing the held-out rows while deciding (no phase 1)."""
 
@@ -141,8 +142,7 @@ def _decide(args, config: GradPruneConfig) -> Decision:
     source = reuse.find_pruned_model(args, key)
     if source is not None:
         return _reuse(args, source, key)
-    return Decision(PRUNE, str(reuse.new_model_dir(args, key)), key, first, state_dir=str(state),
-                    material=material, rows_s=seconds)  # fmt: skip
+    return Decision(PRUNE, str(reuse.new_model_dir(args, key)), key, first, state_dir=str(state), rows_s=seconds)
 
 
 def _reuse(args, source: Path, key: str) -> Decision:
