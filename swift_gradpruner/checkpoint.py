@@ -115,8 +115,7 @@ def _device_plan(model_dir) -> DevicePlan:
     if plan.gpus or torch.cuda.device_count() < 2:
         return plan
     more, stopped = _free_memory([gpu for gpu in range(torch.cuda.device_count()) if gpu != first])
-    plan = plan_devices({**free, **more}, size, layers)
-    return replace(plan, reason=f"{plan.reason}; {stopped}") if stopped and not plan.gpus else plan
+    return _noting(plan_devices({**free, **more}, size, layers), stopped)
 
 
 def _plan_after_oom(model_dir, plan: DevicePlan) -> DevicePlan:
@@ -126,8 +125,12 @@ def _plan_after_oom(model_dir, plan: DevicePlan) -> DevicePlan:
     size, layers = _sizing(model_dir)
     first = plan.gpus[0]
     free, stopped = _free_memory([first, *(gpu for gpu in range(torch.cuda.device_count()) if gpu != first)])
-    following = plan_after_oom(plan, free, size, layers)
-    return replace(following, reason=f"{following.reason}; {stopped}") if stopped and not following.gpus else following
+    return _noting(plan_after_oom(plan, free, size, layers), stopped)
+
+
+def _noting(plan: DevicePlan, stopped: str) -> DevicePlan:
+    """``plan``, its CPU reason followed by why asking the GPUs stopped (``_free_memory``), if it did."""
+    return replace(plan, reason=f"{plan.reason}; {stopped}") if stopped and not plan.gpus else plan
 
 
 def _sizing(model_dir) -> tuple[int, int]:

@@ -65,7 +65,9 @@ def decide(args, config: GradPruneConfig, facts: ModelFacts) -> Decision:
     if rank == 0:
         try:
             with alone():  # the data may be loaded and encoded here, by rank 0 alone
-                outcome = _decide(args, config)
+                # A local folder's identity is already in ``mine`` (its weight files read once); a hub model's
+                # is taken here, after rank 0 fetched its weights.
+                outcome = _decide(args, config, mine["model"] or keys.model_identity(args.model_dir))
                 _check_plan(args, config, facts, outcome)
         except Exception as error:  # every failure reaches every rank as one line
             failure, outcome = error, one_line(error, "deciding what this run does")
@@ -113,8 +115,7 @@ def _result(outcome: Decision | str | None, failure: BaseException | None = None
     return outcome
 
 
-def _decide(args, config: GradPruneConfig) -> Decision:
-    identity = keys.model_identity(args.model_dir)
+def _decide(args, config: GradPruneConfig, identity: dict[str, Any]) -> Decision:
     if args.resume_from_checkpoint:
         source, key = reuse.pruned_model_of_checkpoint(args.resume_from_checkpoint, identity, config, _log_info)
         return _reuse(args, source, key)
